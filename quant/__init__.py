@@ -38,29 +38,32 @@ class QuantFormat:
         return row_length // cls.block_size * cls.type_size
 
     @classmethod
-    def quantize(cls, x: np.ndarray) -> np.ndarray:
+    def quantize(cls, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """float32 [..., k] -> uint8 [..., row_bytes(k)] (into `out` when given: no page faults)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if not cls.fits(x.shape[-1]):
             raise ValueError(f"row length {x.shape[-1]} is not a multiple of the "
                              f"{cls.qtype.name} block size {cls.block_size}")
         flat = x.reshape(-1, x.shape[-1])
-        out = np.empty((flat.shape[0], cls.row_bytes(x.shape[-1])), np.uint8)
+        shape = (*x.shape[:-1], cls.row_bytes(x.shape[-1]))
+        out = np.empty(shape, np.uint8) if out is None else out
         if flat.shape[0]:
-            rows.quantize_rows(int(cls.qtype), flat, out)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+            rows.quantize_rows(int(cls.qtype), flat, out.reshape(flat.shape[0], -1))
+        return out
 
     @classmethod
-    def dequantize(cls, raw: np.ndarray) -> np.ndarray:
+    def dequantize(cls, raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 [..., row_bytes] -> float32 [..., k] (into `out` when given)."""
         raw = np.ascontiguousarray(raw).view(np.uint8)
         if raw.shape[-1] % cls.type_size:
             raise ValueError(f"{raw.shape[-1]} bytes per row is not a whole number of "
                              f"{cls.qtype.name} blocks ({cls.type_size} bytes)")
         flat = raw.reshape(-1, raw.shape[-1])
         k = raw.shape[-1] // cls.type_size * cls.block_size
-        out = np.empty((flat.shape[0], k), np.float32)
+        out = np.empty((*raw.shape[:-1], k), np.float32) if out is None else out
         if flat.shape[0]:
-            rows.dequantize_rows(int(cls.qtype), flat, out)
-        return out.reshape(*raw.shape[:-1], k)
+            rows.dequantize_rows(int(cls.qtype), flat, out.reshape(flat.shape[0], k))
+        return out
 
 
 class F32(QuantFormat, qtype=QT.F32):
@@ -114,12 +117,12 @@ def get_format(qtype: GGMLQuantizationType | int) -> type[QuantFormat]:
         raise ValueError(f"unsupported ggml type {qtype!r}") from None
 
 
-def quantize(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    return get_format(qtype).quantize(x)
+def quantize(x: np.ndarray, qtype: GGMLQuantizationType, out: np.ndarray | None = None) -> np.ndarray:
+    return get_format(qtype).quantize(x, out)
 
 
-def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    return get_format(qtype).dequantize(raw)
+def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, out: np.ndarray | None = None) -> np.ndarray:
+    return get_format(qtype).dequantize(raw, out)
 
 
 SUPPORTED_TYPES = tuple(QuantFormat.formats)

@@ -7,10 +7,17 @@ round-to-nearest-even), bf16 rounding, and ggml's `nearest_int`.
 numba promotes small integers to int64 in arithmetic, so 32-bit wrap-around is
 spelled out with masks.
 """
+import platform
+
+import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
+
+# CPUs that convert half -> float in hardware (vcvtph2ps / fcvt): LLVM lowers fpext to it and
+# vectorizes; elsewhere the software conversion below is used.
+NATIVE_HALF = platform.machine().lower() in ("aarch64", "arm64") or "+f16c" in llvm.get_host_cpu_features().flatten()
 
 
 @intrinsic
@@ -65,8 +72,23 @@ def fp32_to_fp16(f):
     return np.uint16((sign >> 16) | nonsign)
 
 
+@intrinsic
+def _half_bits_to_f32(typingctx, h):
+    if h != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
 @njit(cache=True, inline="always")
-def fp16_to_fp32(h):
+def _fp16_to_fp32_native(h):
+    return _half_bits_to_f32(np.uint16(h))
+
+
+@njit(cache=True, inline="always")
+def _fp16_to_fp32_soft(h):
     """ggml_compute_fp16_to_fp32: IEEE half bits -> float32 (exact)."""
     w = np.int64(h) << 16
     sign = w & 0x80000000
@@ -76,6 +98,9 @@ def fp16_to_fp32(h):
     else:
         v = bits_f32((two_w >> 4) + (0xE0 << 23)) * _EXP_SCALE
     return bits_f32(sign | np.int64(f32_bits(v)))
+
+
+fp16_to_fp32 = _fp16_to_fp32_native if NATIVE_HALF else _fp16_to_fp32_soft
 
 
 @njit(cache=True, inline="always")

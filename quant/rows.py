@@ -47,8 +47,9 @@ def quantize_row_f16(x, out):
 
 @njit(cache=True)
 def dequantize_row_f16(raw, out):
+    h = raw.view(np.uint16)
     for j in range(out.size):
-        out[j] = load_fp16(raw, 2 * j)
+        out[j] = fp16_to_fp32(h[j])
 
 
 @njit(cache=True)
@@ -61,8 +62,9 @@ def quantize_row_bf16(x, out):
 
 @njit(cache=True)
 def dequantize_row_bf16(raw, out):
+    h = raw.view(np.uint16)
     for j in range(out.size):
-        out[j] = bf16_to_fp32(np.uint16(raw[2 * j]) | (np.uint16(raw[2 * j + 1]) << 8))
+        out[j] = bf16_to_fp32(h[j])
 
 
 # ---------------------------------------------------------------- 32-weight blocks

@@ -155,3 +155,24 @@ def test_quantization_error_is_within_format_bound(qtype):
     x = np.random.default_rng(5).standard_normal((64, 1024)).astype(np.float32)
     err = quant.dequantize(quant.quantize(x, qtype), qtype) - x
     assert np.sqrt((err ** 2).mean()) < RMS_BOUND[qtype]
+
+
+def test_software_and_native_half_conversions_agree_on_every_half():
+    """Both fp16 -> fp32 paths (F16C/fcvt where the CPU has it, ggml's bit algorithm elsewhere)."""
+    from numba import njit
+    from dsocr.quant import bits
+
+    @njit
+    def convert_all(h, out_native, out_soft):
+        for i in range(h.size):
+            out_soft[i] = bits._fp16_to_fp32_soft(h[i])
+            if bits.NATIVE_HALF:
+                out_native[i] = bits._fp16_to_fp32_native(h[i])
+
+    h = np.arange(65536, dtype=np.uint16)
+    native, soft = np.zeros(65536, np.float32), np.zeros(65536, np.float32)
+    convert_all(h, native, soft)
+    want = h.view(np.float16).astype(np.float32)
+    assert same_bits(soft, want)
+    if bits.NATIVE_HALF:
+        assert same_bits(native, want)

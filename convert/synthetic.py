@@ -1,0 +1,151 @@
+"""Random-weight checkpoints in the exact layout of deepseek-ai/DeepSeek-OCR, for measuring
+conversion and inference at full size where the real weights cannot be downloaded.
+
+Shapes follow from config.json and the tensor names (the real index lists all 2710); values
+follow the tiny fixture's recipe: N(0, 1/fan_in) for linear and conv weights, 1 + 0.1 N for
+norm weights, small biases, N(0, 1) embeddings, 0.5 N position tables; stored as bf16.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from dsocr.convert.deepseek_ocr import lm_hparams, vision_hparams
+
+
+def tensor_shape(name: str, config: dict) -> tuple[int, ...]:
+    """The shape of one HF tensor of DeepSeek-OCR under `config`."""
+    hp = lm_hparams(config)
+    sam, clip = vision_hparams(config)
+    proj = config.get("projector_config", {})
+    H, V = hp["hidden_size"], hp["vocab_size"]
+    Cs, Cc = sam["width"], clip["width"]
+    hd = Cs // sam["heads"]
+    grid = sam["image_size"] // sam["patch_size"]
+    shared = hp["moe_intermediate_size"] * hp["n_shared_experts"]
+    n = re.sub(r"(layers|blocks|experts)\.\d+\.", r"\1.N.", name)
+    fixed = {
+        "lm_head.weight": (V, H), "model.embed_tokens.weight": (V, H), "model.norm.weight": (H,),
+        "model.layers.N.input_layernorm.weight": (H,), "model.layers.N.post_attention_layernorm.weight": (H,),
+        "model.layers.N.self_attn.q_proj.weight": (H, H), "model.layers.N.self_attn.k_proj.weight": (H, H),
+        "model.layers.N.self_attn.v_proj.weight": (H, H), "model.layers.N.self_attn.o_proj.weight": (H, H),
+        "model.layers.N.mlp.gate_proj.weight": (hp["intermediate_size"], H),
+        "model.layers.N.mlp.up_proj.weight": (hp["intermediate_size"], H),
+        "model.layers.N.mlp.down_proj.weight": (H, hp["intermediate_size"]),
+        "model.layers.N.mlp.gate.weight": (hp["n_routed_experts"], H),
+        "model.layers.N.mlp.experts.N.gate_proj.weight": (hp["moe_intermediate_size"], H),
+        "model.layers.N.mlp.experts.N.up_proj.weight": (hp["moe_intermediate_size"], H),
+        "model.layers.N.mlp.experts.N.down_proj.weight": (H, hp["moe_intermediate_size"]),
+        "model.layers.N.mlp.shared_experts.gate_proj.weight": (shared, H),
+        "model.layers.N.mlp.shared_experts.up_proj.weight": (shared, H),
+        "model.layers.N.mlp.shared_experts.down_proj.weight": (H, shared),
+        "model.image_newline": (H,), "model.view_seperator": (H,),
+        "model.projector.layers.weight": (proj.get("n_embed", H), proj.get("input_dim", Cc + sam["downsample_channels"][-1])),
+        "model.projector.layers.bias": (proj.get("n_embed", H),),
+        "model.sam_model.pos_embed": (1, grid, grid, Cs),
+        "model.sam_model.patch_embed.proj.weight": (Cs, 3, sam["patch_size"], sam["patch_size"]),
+        "model.sam_model.patch_embed.proj.bias": (Cs,),
+        "model.sam_model.blocks.N.norm1.weight": (Cs,), "model.sam_model.blocks.N.norm1.bias": (Cs,),
+        "model.sam_model.blocks.N.norm2.weight": (Cs,), "model.sam_model.blocks.N.norm2.bias": (Cs,),
+        "model.sam_model.blocks.N.attn.qkv.weight": (3 * Cs, Cs), "model.sam_model.blocks.N.attn.qkv.bias": (3 * Cs,),
+        "model.sam_model.blocks.N.attn.proj.weight": (Cs, Cs), "model.sam_model.blocks.N.attn.proj.bias": (Cs,),
+        "model.sam_model.blocks.N.mlp.lin1.weight": (sam["mlp_ratio"] * Cs, Cs),
+        "model.sam_model.blocks.N.mlp.lin1.bias": (sam["mlp_ratio"] * Cs,),
+        "model.sam_model.blocks.N.mlp.lin2.weight": (Cs, sam["mlp_ratio"] * Cs),
+        "model.sam_model.blocks.N.mlp.lin2.bias": (Cs,),
+        "model.sam_model.neck.0.weight": (sam["out_chans"], Cs, 1, 1),
+        "model.sam_model.neck.1.weight": (sam["out_chans"],), "model.sam_model.neck.1.bias": (sam["out_chans"],),
+        "model.sam_model.neck.2.weight": (sam["out_chans"], sam["out_chans"], 3, 3),
+        "model.sam_model.neck.3.weight": (sam["out_chans"],), "model.sam_model.neck.3.bias": (sam["out_chans"],),
+        "model.sam_model.net_2.weight": (sam["downsample_channels"][0], sam["out_chans"], 3, 3),
+        "model.sam_model.net_3.weight": (sam["downsample_channels"][1], sam["downsample_channels"][0], 3, 3),
+        "model.vision_model.embeddings.class_embedding": (Cc,),
+        "model.vision_model.embeddings.patch_embedding.weight": (Cc, 3, clip["patch_size"], clip["patch_size"]),
+        "model.vision_model.embeddings.position_embedding.weight": ((clip["image_size"] // clip["patch_size"]) ** 2 + 1, Cc),
+        "model.vision_model.pre_layrnorm.weight": (Cc,), "model.vision_model.pre_layrnorm.bias": (Cc,),
+    }
+    if n in fixed:
+        return fixed[n]
+    m = re.match(r"model\.sam_model\.blocks\.(\d+)\.attn\.rel_pos_[hw]$", name)
+    if m:
+        size = grid if int(m.group(1)) in sam["global_attn_indexes"] else sam["window_size"]
+        return (2 * size - 1, hd)
+    m = re.match(r"model\.vision_model\.transformer\.layers\.N\.(\w+)\.(\w+)\.?(\w*)$", n)
+    if m:
+        part = n.split("layers.N.", 1)[1]
+        clip_shapes = {"layer_norm1.weight": (Cc,), "layer_norm1.bias": (Cc,), "layer_norm2.weight": (Cc,),
+                       "layer_norm2.bias": (Cc,), "self_attn.qkv_proj.weight": (3 * Cc, Cc),
+                       "self_attn.qkv_proj.bias": (3 * Cc,), "self_attn.out_proj.weight": (Cc, Cc),
+                       "self_attn.out_proj.bias": (Cc,), "mlp.fc1.weight": (clip["ffn_hidden_size"], Cc),
+                       "mlp.fc1.bias": (clip["ffn_hidden_size"],), "mlp.fc2.weight": (Cc, clip["ffn_hidden_size"]),
+                       "mlp.fc2.bias": (Cc,)}
+        if part in clip_shapes:
+            return clip_shapes[part]
+    raise KeyError(f"no shape rule for {name}")
+
+
+def _init(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
+    """(mean, std) of the random values of one tensor."""
+    if re.search(r"(norm\d?|layernorm|pre_layrnorm|neck\.[13])\.weight$", name):
+        return 1.0, 0.1
+    if name.endswith(".bias"):
+        return 0.0, 0.02
+    if re.search(r"(embed_tokens\.weight|class_embedding|image_newline|view_seperator)$", name):
+        return 0.0, 1.0
+    if re.search(r"(pos_embed|position_embedding\.weight|rel_pos_[hw])$", name):
+        return 0.0, 0.5
+    fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
+    scale = 2.0 if name == "lm_head.weight" else (2.0 if name.endswith("mlp.gate.weight") else 1.0)
+    return 0.0, scale / math.sqrt(fan_in)
+
+
+def _bf16_bytes(x: np.ndarray) -> bytes:
+    u = x.astype(np.float32).view(np.uint32)
+    return ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16).tobytes()
+
+
+def write_random_checkpoint(folder: Path, config_folder: Path, tokenizer_folder: Path, names: list[str] | None = None,
+                            seed: int = 0) -> Path:
+    """A single-shard bf16 checkpoint with random weights for every name of `config_folder`'s index."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = json.loads((Path(config_folder) / "config.json").read_text())
+    if names is None:
+        names = list(json.loads((Path(config_folder) / "model.safetensors.index.json").read_text())["weight_map"])
+    names = sorted(names)
+    shapes = {n: tensor_shape(n, config) for n in names}
+    header, offset = {}, 0
+    for n in names:
+        nbytes = math.prod(shapes[n]) * 2
+        header[n] = {"dtype": "BF16", "shape": list(shapes[n]), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    rng = np.random.default_rng(seed)
+    shard = "model-00001-of-000001.safetensors"
+    part = folder / (shard + ".part")
+    with open(part, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for n in names:
+            mean, std = _init(n, shapes[n])
+            count = math.prod(shapes[n])
+            for start in range(0, count, 1 << 23):
+                k = min(1 << 23, count - start)
+                f.write(_bf16_bytes(rng.standard_normal(k, dtype=np.float32) * np.float32(std) + np.float32(mean)))
+    part.rename(folder / shard)
+    index = {"metadata": {"total_size": offset}, "weight_map": {n: shard for n in names}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    shutil.copy(Path(config_folder) / "config.json", folder / "config.json")
+    for f in ("processor_config.json", "special_tokens_map.json"):
+        if (Path(config_folder) / f).is_file():
+            shutil.copy(Path(config_folder) / f, folder / f)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tokenizer_folder) / f, folder / f)
+    return folder
