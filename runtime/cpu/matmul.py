@@ -1,0 +1,321 @@
+"""Matrix products against ggml-typed weights, for every storage type.
+
+* One activation row (decode): `gemv`. Memory-bound, so the weights are read once, straight
+  from their ggml blocks (mmap), through the per-block SIMD kernels of `simd.py`; the
+  activation is quantized once per call to int8 blocks of 32 (ggml's q8 trick: integer
+  products of the block, one float multiply per block). Float weights use a float dot.
+* Many rows (prefill, vision): `gemm`. Compute-bound, so weight rows are dequantized a
+  chunk at a time into a reused float32 buffer and multiplied by BLAS (numpy's sgemm),
+  which beats any GEMM numba can emit here; the chunk keeps memory flat.
+
+Weights are 2-D uint8 arrays [rows, row_bytes] (3-D [n_expert, rows, row_bytes] for routed
+experts); `code` is the ggml type id.
+"""
+import numpy as np
+import numba
+from numba import njit, prange
+
+from dsocr.quant import get_format
+from dsocr.quant.bits import bf16_to_fp32, fp16_to_fp32, load_fp16, nearest_int
+from dsocr.quant.rows import (BF16, F16, F32, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, _load_u32,
+                              dequantize_rows, scale_min_k4)
+from dsocr.runtime.cpu import simd
+
+ACC = 32    # scratch floats per row: four 8-lane slots
+
+
+@njit(cache=True)
+def quantize_activation(x, xq, xd, xs):
+    """x [k] -> int16 quants xq [k], per-32 scales xd [k/32] and block sums xs = xd*sum(q) (for
+    the formats that store a minimum). k is a multiple of 32."""
+    for b in range(x.size // 32):
+        amax = np.float32(0.0)
+        for j in range(32 * b, 32 * b + 32):
+            amax = max(amax, abs(x[j]))
+        d = amax / np.float32(127.0)
+        inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+        total = 0
+        for j in range(32 * b, 32 * b + 32):
+            q = nearest_int(x[j] * inv)
+            xq[j] = q
+            total += q
+        xd[b] = d
+        xs[b] = d * np.float32(total)
+
+
+@njit(cache=True, inline="always")
+def _reset(acc):
+    for i in range(ACC):
+        acc[i] = 0.0
+
+
+@njit(cache=True, inline="always")
+def _total(acc):
+    s = np.float32(0.0)
+    for i in range(ACC):
+        s += acc[i]
+    return s
+
+
+# ---------------------------------------------------------------- one row: w . x
+
+@njit(cache=True, fastmath=True)
+def dot_f32(w, x, acc):
+    _reset(acc)
+    nb = x.size // 32
+    for b in range(nb):
+        simd.block_f32(acc, b & 3, w, 128 * b, x, 32 * b, np.float32(1.0))
+    s = _total(acc)
+    wf = w.view(np.float32)
+    for j in range(32 * nb, x.size):
+        s += wf[j] * x[j]
+    return s
+
+
+@njit(cache=True, fastmath=True)
+def dot_f16(w, x, acc):
+    _reset(acc)
+    nb = x.size // 32
+    for b in range(nb):
+        simd.block_f16(acc, b & 3, w, 64 * b, x, 32 * b, np.float32(1.0))
+    s = _total(acc)
+    wh = w.view(np.uint16)
+    for j in range(32 * nb, x.size):
+        s += fp16_to_fp32(wh[j]) * x[j]
+    return s
+
+
+@njit(cache=True, fastmath=True)
+def dot_bf16(w, x, acc):
+    _reset(acc)
+    nb = x.size // 32
+    for b in range(nb):
+        simd.block_bf16(acc, b & 3, w, 64 * b, x, 32 * b, np.float32(1.0))
+    s = _total(acc)
+    wh = w.view(np.uint16)
+    for j in range(32 * nb, x.size):
+        s += bf16_to_fp32(wh[j]) * x[j]
+    return s
+
+
+@njit(cache=True, fastmath=True)
+def dot_q8_0(w, xq, xd, acc):
+    _reset(acc)
+    for b in range(xd.size):
+        simd.block_q8_0(acc, b & 3, w, 34 * b + 2, 0, 0, xq, 32 * b, xd[b], xd[b])
+    return _total(acc)
+
+
+@njit(cache=True, fastmath=True)
+def dot_q4_0(w, xq, xd, acc):
+    _reset(acc)
+    for b in range(xd.size):
+        simd.block_q4_0(acc, b & 3, w, 18 * b + 2, 0, 0, xq, 32 * b, xd[b], xd[b])
+    return _total(acc)
+
+
+@njit(cache=True, fastmath=True)
+def dot_q4_1(w, xq, xd, xs, acc):
+    _reset(acc)
+    mins = np.float32(0.0)
+    for b in range(xd.size):
+        simd.block_q4_1(acc, b & 3, w, 20 * b + 4, 0, 0, xq, 32 * b, xd[b], xd[b])
+        mins += load_fp16(w, 20 * b + 2) * xs[b]
+    return _total(acc) + mins
+
+
+@njit(cache=True, fastmath=True)
+def dot_q5_0(w, xq, xd, acc):
+    _reset(acc)
+    for b in range(xd.size):
+        simd.block_q5_0(acc, b & 3, w, 22 * b + 6, _load_u32(w, 22 * b + 2), 0, xq, 32 * b, xd[b], xd[b])
+    return _total(acc)
+
+
+@njit(cache=True, fastmath=True)
+def dot_q5_1(w, xq, xd, xs, acc):
+    _reset(acc)
+    mins = np.float32(0.0)
+    for b in range(xd.size):
+        simd.block_q5_1(acc, b & 3, w, 24 * b + 8, _load_u32(w, 24 * b + 4), 0, xq, 32 * b, xd[b], xd[b])
+        mins += load_fp16(w, 24 * b + 2) * xs[b]
+    return _total(acc) + mins
+
+
+@njit(cache=True, fastmath=True)
+def dot_q4_k(w, xq, xd, xs, acc):
+    _reset(acc)
+    mins = np.float32(0.0)
+    for b in range(xd.size // 8):
+        o = 144 * b
+        d = load_fp16(w, o)
+        dmin = load_fp16(w, o + 2)
+        for c in range(4):
+            for half in range(2):
+                sb = 8 * b + 2 * c + half
+                sc, m = scale_min_k4(2 * c + half, w, o + 4)
+                s = d * np.float32(sc) * xd[sb]
+                if half == 0:
+                    simd.block_q4_k_lo(acc, sb & 3, w, o + 16 + 32 * c, 0, 0, xq, 32 * sb, s, s)
+                else:
+                    simd.block_q4_k_hi(acc, sb & 3, w, o + 16 + 32 * c, 0, 0, xq, 32 * sb, s, s)
+                mins += dmin * np.float32(m) * xs[sb]
+    return _total(acc) - mins
+
+
+@njit(cache=True, fastmath=True)
+def dot_q5_k(w, xq, xd, xs, acc):
+    _reset(acc)
+    mins = np.float32(0.0)
+    for b in range(xd.size // 8):
+        o = 176 * b
+        d = load_fp16(w, o)
+        dmin = load_fp16(w, o + 2)
+        for c in range(4):
+            for half in range(2):
+                sb = 8 * b + 2 * c + half
+                sc, m = scale_min_k4(2 * c + half, w, o + 4)
+                s = d * np.float32(sc) * xd[sb]
+                if half == 0:
+                    simd.block_q5_k_lo(acc, sb & 3, w, o + 48 + 32 * c, o + 16, 2 * c, xq, 32 * sb, s, s)
+                else:
+                    simd.block_q5_k_hi(acc, sb & 3, w, o + 48 + 32 * c, o + 16, 2 * c + 1, xq, 32 * sb, s, s)
+                mins += dmin * np.float32(m) * xs[sb]
+    return _total(acc) - mins
+
+
+@njit(cache=True, fastmath=True)
+def dot_q6_k(w, xq, xd, acc):
+    _reset(acc)
+    for b in range(xd.size // 8):
+        o = 210 * b
+        d = load_fp16(w, o + 208)
+        for half in range(2):
+            for k in range(4):       # 32 weights: low bits from ql (nibble k//2 of bytes 32*(k%2)..), high from qh >> 2k
+                sb = 8 * b + 4 * half + k
+                sc = o + 192 + 8 * half + 2 * k
+                s0 = d * np.float32(np.int8(w[sc])) * xd[sb]
+                s1 = d * np.float32(np.int8(w[sc + 1])) * xd[sb]
+                ql = o + 64 * half + 32 * (k & 1)
+                if k < 2:
+                    simd.block_q6_k_lo(acc, k, w, ql, o + 128 + 32 * half, 2 * k, xq, 32 * sb, s0, s1)
+                else:
+                    simd.block_q6_k_hi(acc, k, w, ql, o + 128 + 32 * half, 2 * k, xq, 32 * sb, s0, s1)
+    return _total(acc)
+
+
+@njit(cache=True)
+def dot_row(code, w, x, xq, xd, xs, acc):
+    """w . x for one weight row of ggml type `code` (x is used as floats or through its q8 form)."""
+    if code == Q8_0:
+        return dot_q8_0(w, xq, xd, acc)
+    if code == Q4_K:
+        return dot_q4_k(w, xq, xd, xs, acc)
+    if code == Q6_K:
+        return dot_q6_k(w, xq, xd, acc)
+    if code == Q5_0:
+        return dot_q5_0(w, xq, xd, acc)
+    if code == F16:
+        return dot_f16(w, x, acc)
+    if code == F32:
+        return dot_f32(w, x, acc)
+    if code == Q5_K:
+        return dot_q5_k(w, xq, xd, xs, acc)
+    if code == Q5_1:
+        return dot_q5_1(w, xq, xd, xs, acc)
+    if code == Q4_0:
+        return dot_q4_0(w, xq, xd, acc)
+    if code == Q4_1:
+        return dot_q4_1(w, xq, xd, xs, acc)
+    return dot_bf16(w, x, acc)
+
+
+@njit(cache=True, inline="always")
+def _uses_q8(code):
+    return code != F32 and code != F16 and code != BF16
+
+
+@njit(cache=True, parallel=True)
+def gemv_rows(code, W, x, y, chunks):
+    """y[n] = W[n, :] . x  (W: uint8 [n, row_bytes] of ggml type `code`, x: float32 [k]),
+    rows split into `chunks` parallel tasks."""
+    k = x.size
+    xq = np.empty(k if _uses_q8(code) else 0, np.int16)
+    xd = np.empty(k // 32, np.float32)
+    xs = np.empty(k // 32, np.float32)
+    if _uses_q8(code):
+        quantize_activation(x, xq, xd, xs)
+    n = W.shape[0]
+    chunks = max(1, min(n, chunks))
+    for c in prange(chunks):
+        acc = np.empty(ACC, np.float32)
+        for r in range(c * n // chunks, (c + 1) * n // chunks):
+            y[r] = dot_row(code, W[r], x, xq, xd, xs, acc)
+
+
+@njit(cache=True, parallel=True)
+def gemv_experts_rows(code, W3, experts, X, Y, tasks):
+    """Y[i, n] = W3[experts[i], n, :] . X[i]  for the routed experts of one token, in one launch."""
+    m, k = X.shape
+    nb = k // 32
+    Xq = np.empty((m, k if _uses_q8(code) else 0), np.int16)
+    Xd = np.empty((m, nb), np.float32)
+    Xs = np.empty((m, nb), np.float32)
+    if _uses_q8(code):
+        for i in range(m):
+            quantize_activation(X[i], Xq[i], Xd[i], Xs[i])
+    n = W3.shape[1]
+    per = max(1, min(n, tasks // max(1, m)))
+    for t in prange(m * per):
+        i, c = t // per, t % per
+        acc = np.empty(ACC, np.float32)
+        W = W3[experts[i]]
+        for r in range(c * n // per, (c + 1) * n // per):
+            Y[i, r] = dot_row(code, W[r], X[i], Xq[i], Xd[i], Xs[i], acc)
+
+
+def gemv(code: int, W: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    gemv_rows(code, W, x, y, 8 * numba.get_num_threads())
+    return y
+
+
+def gemv_experts(code: int, W3: np.ndarray, experts: np.ndarray, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    gemv_experts_rows(code, W3, experts, X, Y, 8 * numba.get_num_threads())
+    return Y
+
+
+# ---------------------------------------------------------------- many rows: dequantize + BLAS
+
+CHUNK_BYTES = 4 << 20      # float32 weight rows per BLAS call
+
+
+class Dequantizer:
+    """A reused float32 buffer for the weight rows of one GEMM chunk (no fresh page faults)."""
+
+    def __init__(self):
+        self.buf = np.empty(0, np.float32)
+
+    def rows(self, code: int, raw: np.ndarray, k: int) -> np.ndarray:
+        n = raw.shape[0]
+        if self.buf.size < n * k:
+            self.buf = np.empty(n * k, np.float32)
+        out = self.buf[: n * k].reshape(n, k)
+        dequantize_rows(code, raw, out)
+        return out
+
+
+def gemm(code: int, W: np.ndarray, X: np.ndarray, out: np.ndarray, deq: Dequantizer) -> np.ndarray:
+    """out[m, n] = X[m, k] @ W[n, :]^T for a many-row X."""
+    k = X.shape[1]
+    if code == F32:
+        np.matmul(X, W.view(np.float32).reshape(W.shape[0], k).T, out=out)
+        return out
+    step = max(1, CHUNK_BYTES // (4 * k))
+    for r in range(0, W.shape[0], step):
+        e = min(W.shape[0], r + step)
+        np.matmul(X, deq.rows(code, W[r:e], k).T, out=out[:, r:e])
+    return out
+
+
+def row_bytes(code: int, k: int) -> int:
+    return get_format(code).row_bytes(k)

@@ -1,0 +1,222 @@
+"""The CPU backend's elementwise and attention kernels (numba, parallel over rows).
+
+Each kernel is a plain loop nest with its shapes in a comment, llm.c style; activations are
+float32, C-contiguous. Reductions keep fastmath off where the reference's summation order
+matters for 1e-4 agreement (norms) and use it where they are plain dot products.
+"""
+import math
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from dsocr.quant.bits import fp16_to_fp32, fp32_to_fp16
+
+_SQRT1_2 = 0.7071067811865476
+
+
+@njit(cache=True, parallel=True)
+def rmsnorm(x, w, eps, out):
+    # x [m, c], w [c] -> out [m, c]: x / sqrt(mean(x^2) + eps) * w
+    m, c = x.shape
+    for i in prange(m):
+        ss = 0.0
+        for j in range(c):
+            ss += np.float64(x[i, j]) * x[i, j]
+        r = np.float32(1.0 / math.sqrt(ss / c + eps))
+        for j in range(c):
+            out[i, j] = (x[i, j] * r) * w[j]
+
+
+@njit(cache=True, parallel=True)
+def layernorm(x, w, b, eps, out):
+    # x [m, c], w [c], b [c] -> out [m, c]: (x - mean) / sqrt(var + eps) * w + b
+    m, c = x.shape
+    for i in prange(m):
+        mean = 0.0
+        for j in range(c):
+            mean += x[i, j]
+        mean /= c
+        var = 0.0
+        for j in range(c):
+            d = x[i, j] - mean
+            var += d * d
+        r = 1.0 / math.sqrt(var / c + eps)
+        for j in range(c):
+            out[i, j] = np.float32((x[i, j] - mean) * r) * w[j] + b[j]
+
+
+@njit(cache=True, parallel=True)
+def silu_mul(gate, up, out):
+    # gate [m, c], up [m, c] -> out [m, c]: silu(gate) * up
+    m, c = gate.shape
+    for i in prange(m):
+        for j in range(c):
+            g = gate[i, j]
+            out[i, j] = g / (np.float32(1.0) + np.exp(-g)) * up[i, j]
+
+
+@njit(cache=True, parallel=True)
+def gelu(x, out):
+    # x [m, c] -> out [m, c]: exact GELU, x * (1 + erf(x / sqrt 2)) / 2
+    m, c = x.shape
+    for i in prange(m):
+        for j in range(c):
+            v = np.float64(x[i, j])
+            out[i, j] = 0.5 * v * (1.0 + math.erf(v * _SQRT1_2))
+
+
+@njit(cache=True, parallel=True)
+def quick_gelu(x, out):
+    # x [m, c] -> out [m, c]: x * sigmoid(1.702 x)
+    m, c = x.shape
+    for i in prange(m):
+        for j in range(c):
+            v = x[i, j]
+            out[i, j] = v / (np.float32(1.0) + np.exp(np.float32(-1.702) * v))
+
+
+@njit(cache=True, parallel=True)
+def softmax_rows(x, out):
+    # x [m, c] -> out [m, c], float32 like torch.softmax(dtype=float32)
+    m, c = x.shape
+    for i in prange(m):
+        mx = x[i, 0]
+        for j in range(1, c):
+            mx = max(mx, x[i, j])
+        s = np.float32(0.0)
+        for j in range(c):
+            e = np.exp(x[i, j] - mx)
+            out[i, j] = e
+            s += e
+        for j in range(c):
+            out[i, j] /= s
+
+
+@njit(cache=True, parallel=True)
+def add_inplace(x, y):
+    # x [m, c] += y [m, c]
+    m, c = x.shape
+    for i in prange(m):
+        for j in range(c):
+            x[i, j] += y[i, j]
+
+
+@njit(cache=True, parallel=True)
+def add_bias(x, b):
+    # x [m, c] += b [c]
+    m, c = x.shape
+    for i in prange(m):
+        for j in range(c):
+            x[i, j] += b[j]
+
+
+def rope_tables(positions: np.ndarray, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [m, head_dim/2] for NEOX rotation, computed in float32 as the reference does
+    (inv_freq = 1 / theta^(2i/d); angle = position * inv_freq)."""
+    inv = (np.float32(1.0) / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))))
+    ang = positions.astype(np.float32)[:, None] * inv.astype(np.float32)[None, :]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+@njit(cache=True, parallel=True)
+def rope_neox(x, n_head, cos, sin):
+    # x [m, n_head*d] in place: per head, (x1, x2) halves -> (x1 cos - x2 sin, x2 cos + x1 sin)
+    m = x.shape[0]
+    d = x.shape[1] // n_head
+    half = d // 2
+    for i in prange(m):
+        for h in range(n_head):
+            o = h * d
+            for j in range(half):
+                a = x[i, o + j]
+                b = x[i, o + half + j]
+                x[i, o + j] = a * cos[i, j] - b * sin[i, j]
+                x[i, o + half + j] = b * cos[i, j] + a * sin[i, j]
+
+
+def kv_value(v):
+    """A KV-cache element as float32: caches hold float32, or fp16 bits as uint16."""
+
+
+@overload(kv_value, inline="always")
+def _kv_value(v):
+    if v == types.uint16:
+        return lambda v: fp16_to_fp32(v)
+    return lambda v: v
+
+
+def kv_element(x, like):
+    """float32 x as a KV-cache element of the same type as `like` (fp16 bits or float32)."""
+
+
+@overload(kv_element, inline="always")
+def _kv_element(x, like):
+    if like == types.uint16:
+        return lambda x, like: fp32_to_fp16(x)
+    return lambda x, like: x
+
+
+@njit(cache=True, parallel=True)
+def cache_store(src, cache, pos0):
+    # src [m, c] -> cache[pos0:pos0+m, :] (float32, or fp16 bits when the cache is uint16)
+    m, c = src.shape
+    for i in prange(m):
+        for j in range(c):
+            cache[pos0 + i, j] = kv_element(src[i, j], cache[0, 0])
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def attention_causal(q, kcache, vcache, pos0, n_head, out):
+    # q [m, n_head*d] at positions pos0..pos0+m-1, caches [n_ctx, n_head*d] (float32 or fp16 bits)
+    # holding positions 0..pos0+m-1 -> out [m, n_head*d]; softmax(q k^T / sqrt d) v, causal
+    m = q.shape[0]
+    d = q.shape[1] // n_head
+    scale = np.float32(1.0 / math.sqrt(d))
+    for task in prange(m * n_head):
+        i, h = task // n_head, task % n_head
+        o = h * d
+        n = pos0 + i + 1
+        scores = np.empty(n, np.float32)
+        mx = np.float32(-np.inf)
+        for t in range(n):
+            s = np.float32(0.0)
+            for j in range(d):
+                s += q[i, o + j] * kv_value(kcache[t, o + j])
+            s *= scale
+            scores[t] = s
+            mx = max(mx, s)
+        total = np.float32(0.0)
+        for t in range(n):
+            e = np.exp(scores[t] - mx)
+            scores[t] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for j in range(d):
+            out[i, o + j] = 0.0
+        for t in range(n):
+            p = scores[t] * inv
+            for j in range(d):
+                out[i, o + j] += p * kv_value(vcache[t, o + j])
+
+
+@njit(cache=True)
+def topk_softmax(logits, k, idx, weights):
+    # router logits [m, e] -> softmax probabilities, then greedy top-k per row (no renormalisation):
+    # idx [m, k], weights [m, k], sorted by weight descending (ties: lower expert first)
+    m, e = logits.shape
+    p = np.empty(e, np.float32)
+    for i in range(m):
+        mx = logits[i, 0]
+        for j in range(1, e):
+            mx = max(mx, logits[i, j])
+        s = np.float32(0.0)
+        for j in range(e):
+            p[j] = np.exp(logits[i, j] - mx)
+            s += p[j]
+        for j in range(e):
+            p[j] /= s
+        order = np.argsort(-p, kind="mergesort")
+        for r in range(k):
+            idx[i, r] = order[r]
+            weights[i, r] = p[order[r]]

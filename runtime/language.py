@@ -1,0 +1,182 @@
+"""DeepSeek-OCR's language model (DeepSeek-V2 layout without MLA), read from a `deepseek2-ocr`
+GGUF and run on a backend. The whole network, top to bottom:
+
+    x = input embeddings (token rows, image rows scattered in)        [m, H]
+    per layer:  x += attn(rmsnorm(x))        multi-head, NEOX RoPE over the full head dim
+                x += ffn(rmsnorm(x))         layer < n_dense: SiLU-gated MLP
+                                             else: MoE, softmax router, greedy top-k (no
+                                             renormalisation), + shared-experts MLP
+    logits = output(rmsnorm(x))
+
+Works for files from our converter and from llama.cpp's (which omit rope.freq_base and the
+expert-weights keys; their defaults are DeepSeek-OCR's: 10000, scale 1, no normalisation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dsocr.runtime.errors import ModelError
+from dsocr.runtime.gguf_file import GGUFFile
+
+ARCH = "deepseek2-ocr"
+
+
+@dataclass
+class LMParams:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    n_dense: int
+    n_expert: int
+    n_expert_used: int
+    n_ff_exp: int
+    n_shared: int
+    vocab_size: int
+    n_ctx_train: int
+    eps: float
+    rope_theta: float
+    expert_scale: float
+    expert_norm: bool
+
+    @classmethod
+    def from_gguf(cls, f: GGUFFile) -> LMParams:
+        if f.architecture != ARCH:
+            raise ModelError(f"{f.path}: architecture {f.architecture!r} is not a DeepSeek-OCR language model ({ARCH})")
+        k = lambda name, default=None: (f.get(f"{ARCH}.{name}", default) if default is not None
+                                        else f.require(f"{ARCH}.{name}"))
+        n_head = int(k("attention.head_count"))
+        return cls(n_layer=int(k("block_count")), n_embd=int(k("embedding_length")), n_head=n_head,
+                   n_head_kv=int(k("attention.head_count_kv", n_head)), n_ff=int(k("feed_forward_length")),
+                   n_dense=int(k("leading_dense_block_count", 1)), n_expert=int(k("expert_count")),
+                   n_expert_used=int(k("expert_used_count")), n_ff_exp=int(k("expert_feed_forward_length")),
+                   n_shared=int(k("expert_shared_count", 0)),
+                   vocab_size=int(k("vocab_size", len(f.get("tokenizer.ggml.tokens") or []))),
+                   n_ctx_train=int(k("context_length", 8192)), eps=float(k("attention.layer_norm_rms_epsilon", 1e-6)),
+                   rope_theta=float(k("rope.freq_base", 10000.0)), expert_scale=float(k("expert_weights_scale", 1.0)),
+                   expert_norm=bool(k("expert_weights_norm", False)))
+
+
+class Layer:
+    def __init__(self, f: GGUFFile, be, i: int, dense: bool):
+        t = lambda name: be.weight(f.tensor(f"blk.{i}.{name}.weight"))
+        self.attn_norm = be.table(f.tensor(f"blk.{i}.attn_norm.weight"))
+        self.ffn_norm = be.table(f.tensor(f"blk.{i}.ffn_norm.weight"))
+        self.wq, self.wk, self.wv, self.wo = t("attn_q"), t("attn_k"), t("attn_v"), t("attn_output")
+        self.dense = dense
+        if dense:
+            self.gate, self.up, self.down = t("ffn_gate"), t("ffn_up"), t("ffn_down")
+        else:
+            self.router = t("ffn_gate_inp")
+            self.gate_exps, self.up_exps, self.down_exps = t("ffn_gate_exps"), t("ffn_up_exps"), t("ffn_down_exps")
+            self.gate_sh, self.up_sh, self.down_sh = t("ffn_gate_shexp"), t("ffn_up_shexp"), t("ffn_down_shexp")
+
+
+class LanguageModel:
+    def __init__(self, f: GGUFFile, backend):
+        self.file = f
+        self.be = backend
+        self.p = p = LMParams.from_gguf(f)
+        if p.n_head_kv != p.n_head:
+            raise ModelError(f"{f.path}: grouped-query attention ({p.n_head_kv} kv heads) is not DeepSeek-OCR")
+        self.token_embd = backend.weight(f.tensor("token_embd.weight"))
+        self.output_norm = backend.table(f.tensor("output_norm.weight"))
+        self.output = backend.weight(f.tensor("output.weight"))
+        self.layers = [Layer(f, backend, i, i < p.n_dense) for i in range(p.n_layer)]
+        self.routing: dict[int, tuple[np.ndarray, np.ndarray]] | None = None   # set to {} to record top-k
+
+    def new_cache(self, n_ctx: int, f16: bool = True):
+        return self.be.kv_cache(self.p.n_layer, n_ctx, self.p.n_embd, f16)
+
+    def embed(self, ids) -> np.ndarray:
+        return self.be.embed(self.token_embd, np.asarray(ids, np.int64))
+
+    def forward(self, x, pos0: int, cache, logits_rows=None, hidden=None):
+        """x [m, H] embeddings of positions pos0..pos0+m-1 -> logits [r, V] for `logits_rows`
+        (default: the last row). `hidden`, a list, receives each layer's input and the final norm."""
+        be, p = self.be, self.p
+        m = x.shape[0]
+        positions = np.arange(pos0, pos0 + m)
+        h = be.empty((m, p.n_embd))
+        for i, layer in enumerate(self.layers):
+            if hidden is not None:
+                hidden.append(be.to_host(x).copy())
+            be.rmsnorm(x, layer.attn_norm, p.eps, h)
+            be.add(x, self.attention(h, layer, cache[i], pos0, positions))
+            be.rmsnorm(x, layer.ffn_norm, p.eps, h)
+            be.add(x, self.mlp(h, layer.gate, layer.up, layer.down) if layer.dense else self.moe(h, layer, i))
+        rows = np.array([m - 1]) if logits_rows is None else np.arange(m) if isinstance(logits_rows, str) \
+            else np.asarray(logits_rows)
+        if hidden is not None:
+            final = be.empty((m, p.n_embd))
+            be.rmsnorm(x, self.output_norm, p.eps, final)
+            hidden.append(be.to_host(final).copy())
+        out = be.empty((len(rows), p.n_embd))
+        be.rmsnorm(be.asarray(x[rows]), self.output_norm, p.eps, out)
+        return be.matmul(out, self.output)
+
+    def attention(self, h, layer: Layer, kv, pos0: int, positions: np.ndarray):
+        # h [m, H] -> [m, H]; writes this chunk's k, v into the cache at pos0
+        be, p = self.be, self.p
+        q, k, v = be.matmul(h, layer.wq), be.matmul(h, layer.wk), be.matmul(h, layer.wv)
+        be.rope(q, p.n_head, positions, p.rope_theta)
+        be.rope(k, p.n_head, positions, p.rope_theta)
+        be.cache_store(k, kv[0], pos0)
+        be.cache_store(v, kv[1], pos0)
+        a = be.empty(q.shape)
+        be.attention_causal(q, kv[0], kv[1], pos0, p.n_head, a)
+        return be.matmul(a, layer.wo)
+
+    def mlp(self, h, gate, up, down):
+        # down(silu(gate h) * up h)
+        g, u = self.be.matmul(h, gate), self.be.matmul(h, up)
+        self.be.silu_mul(g, u, g)
+        return self.be.matmul(g, down)
+
+    def moe(self, h, layer: Layer, i: int):
+        # sum_k w_k expert_k(h) + shared(h), experts picked per token by softmax(router h), top-k
+        be, p = self.be, self.p
+        m = h.shape[0]
+        logits = be.to_host(be.matmul(h, layer.router))
+        idx = np.empty((m, p.n_expert_used), np.int64)
+        w = np.empty((m, p.n_expert_used), np.float32)
+        be.topk_softmax(np.ascontiguousarray(logits, np.float32), p.n_expert_used, idx, w)
+        if p.expert_norm:
+            w /= w.sum(axis=1, keepdims=True)
+        w *= np.float32(p.expert_scale)
+        if self.routing is not None:
+            self.routing[i] = (idx.copy(), w.copy())
+        out = self.mlp(h, layer.gate_sh, layer.up_sh, layer.down_sh)
+        if m == 1:
+            return self._experts_one_token(h, layer, idx[0], w[0], out)
+        return self._experts_grouped(h, layer, idx, w, out)
+
+    def _experts_one_token(self, h, layer: Layer, idx, w, out):
+        # decode: the k experts of one token in one launch per projection
+        be, k = self.be, len(idx)
+        hk = be.asarray(np.repeat(be.to_host(h), k, axis=0))
+        g = be.matmul_experts(hk, layer.gate_exps, idx, be.empty((k, self.p.n_ff_exp)))
+        u = be.matmul_experts(hk, layer.up_exps, idx, be.empty((k, self.p.n_ff_exp)))
+        be.silu_mul(g, u, g)
+        y = be.to_host(be.matmul_experts(g, layer.down_exps, idx, be.empty((k, self.p.n_embd))))
+        out = be.to_host(out)
+        out[0] += (w[:, None] * y).sum(axis=0)
+        return be.asarray(out)
+
+    def _experts_grouped(self, h, layer: Layer, idx, w, out):
+        # prefill: tokens grouped by expert, so each expert's weights are read once
+        be = self.be
+        hh = be.to_host(h)
+        out = be.to_host(out)
+        for e in np.unique(idx):
+            tok, slot = np.nonzero(idx == e)
+            x = be.asarray(hh[tok])
+            g = be.expert_matmul(x, layer.gate_exps, int(e))
+            u = be.expert_matmul(x, layer.up_exps, int(e))
+            be.silu_mul(g, u, g)
+            y = be.to_host(be.expert_matmul(g, layer.down_exps, int(e)))
+            out[tok] += w[tok, slot][:, None] * y
+        return be.asarray(out)

@@ -1,0 +1,191 @@
+"""CPU kernels against independent numpy twins on random inputs, odd sizes included.
+
+Tolerances: float kernels 1e-5 relative to the output's magnitude (float32 summation-order
+differences); the quantized GEMV is compared with float64 numpy on the *same* int8 activation
+(the kernel quantizes x to q8 blocks, as ggml does), so it is exact up to float32 rounding:
+2e-5 relative."""
+import math
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+
+from dsocr import quant
+from dsocr.runtime.cpu import CPUBackend, matmul as mm, ops
+from dsocr.runtime.gguf_file import Tensor
+
+FLOAT_TYPES = [QT.F32, QT.F16, QT.BF16]
+QUANT_TYPES = [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K]
+
+
+def rel_err(got, want):
+    return float(np.abs(np.asarray(got, np.float64) - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+def q8_activation(x):
+    """numpy twin of quantize_activation: per 32 block d = amax/127, q = round-half-even(x/d)."""
+    xb = x.reshape(-1, 32).astype(np.float32)
+    d = np.abs(xb).max(axis=1) / np.float32(127)
+    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
+    q = np.rint(xb * inv[:, None])
+    return (q * d[:, None]).reshape(-1).astype(np.float64), q.astype(np.int16).reshape(-1), d
+
+
+def weights(qtype, n, k, rng):
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    raw = quant.quantize(w, qtype)
+    return raw, quant.dequantize(raw, qtype).astype(np.float64)
+
+
+@pytest.mark.parametrize("qtype", FLOAT_TYPES + QUANT_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("n,k", [(1, 256), (37, 512), (130, 1280)])
+def test_gemv_every_type(qtype, n, k):
+    rng = np.random.default_rng(n + k + int(qtype))
+    raw, wd = weights(qtype, n, k, rng)
+    x = rng.standard_normal(k).astype(np.float32)
+    y = np.empty(n, np.float32)
+    mm.gemv(int(qtype), raw, x, y)
+    xx = x.astype(np.float64) if qtype in FLOAT_TYPES else q8_activation(x)[0]
+    assert rel_err(y, wd @ xx) < 2e-5
+
+
+@pytest.mark.parametrize("qtype", FLOAT_TYPES, ids=lambda t: t.name)
+def test_gemv_float_odd_row_length(qtype):
+    rng = np.random.default_rng(9)
+    raw, wd = weights(qtype, 11, 77, rng)
+    x = rng.standard_normal(77).astype(np.float32)
+    y = np.empty(11, np.float32)
+    mm.gemv(int(qtype), raw, x, y)
+    assert rel_err(y, wd @ x.astype(np.float64)) < 1e-5
+
+
+def test_quantize_activation_matches_numpy():
+    x = np.random.default_rng(1).standard_normal(320).astype(np.float32) * 3
+    xq, xd, xs = np.empty(320, np.int16), np.empty(10, np.float32), np.empty(10, np.float32)
+    mm.quantize_activation(x, xq, xd, xs)
+    _, q, d = q8_activation(x)
+    assert np.array_equal(xq, q) and np.array_equal(xd, d)
+    assert np.allclose(xs, d * q.reshape(10, 32).sum(1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_K, QT.Q6_K, QT.F16], ids=lambda t: t.name)
+def test_gemv_experts(qtype):
+    rng = np.random.default_rng(3)
+    n_exp, n, k = 5, 64, 256
+    w = (rng.standard_normal((n_exp, n, k)) * 0.05).astype(np.float32)
+    raw = quant.quantize(w, qtype)
+    wd = quant.dequantize(raw, qtype).astype(np.float64)
+    experts = np.array([3, 0, 4], np.int64)
+    X = rng.standard_normal((3, k)).astype(np.float32)
+    Y = np.empty((3, n), np.float32)
+    mm.gemv_experts(int(qtype), raw, experts, X, Y)
+    for i, e in enumerate(experts):
+        xx = X[i].astype(np.float64) if qtype == QT.F16 else q8_activation(X[i])[0]
+        assert rel_err(Y[i], wd[e] @ xx) < 2e-5
+
+
+@pytest.mark.parametrize("qtype", FLOAT_TYPES + QUANT_TYPES, ids=lambda t: t.name)
+def test_gemm_every_type(qtype):
+    rng = np.random.default_rng(int(qtype) + 50)
+    raw, wd = weights(qtype, 300, 512, rng)
+    X = rng.standard_normal((23, 512)).astype(np.float32)
+    out = np.empty((23, 300), np.float32)
+    mm.gemm(int(qtype), raw, X, out, mm.Dequantizer())
+    assert rel_err(out, X.astype(np.float64) @ wd.T) < 1e-5
+
+
+def test_backend_matmul_switches_between_gemv_and_gemm():
+    rng = np.random.default_rng(4)
+    raw, wd = weights(QT.F16, 40, 256, rng)
+    t = Tensor("w", QT.F16, (40, 256), raw)
+    be = CPUBackend()
+    for m in (1, 3, 9):
+        X = rng.standard_normal((m, 256)).astype(np.float32)
+        assert rel_err(be.matmul(X, t), X.astype(np.float64) @ wd.T) < 1e-5
+
+
+@pytest.mark.parametrize("m,c", [(1, 64), (7, 1280), (3, 33)])
+def test_norms(m, c):
+    rng = np.random.default_rng(m * c)
+    x = rng.standard_normal((m, c)).astype(np.float32) * 3
+    w = rng.standard_normal(c).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    out = np.empty_like(x)
+    ops.rmsnorm(x, w, 1e-6, out)
+    xd = x.astype(np.float64)
+    assert rel_err(out, xd / np.sqrt((xd ** 2).mean(1, keepdims=True) + 1e-6) * w) < 1e-5
+    ops.layernorm(x, w, b, 1e-5, out)
+    mu, var = xd.mean(1, keepdims=True), xd.var(1, keepdims=True)
+    assert rel_err(out, (xd - mu) / np.sqrt(var + 1e-5) * w + b) < 1e-5
+
+
+def test_activations_and_softmax():
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((5, 77)) * 4).astype(np.float32)
+    y = rng.standard_normal((5, 77)).astype(np.float32)
+    xd = x.astype(np.float64)
+    out = np.empty_like(x)
+    ops.silu_mul(x, y, out)
+    assert rel_err(out, xd / (1 + np.exp(-xd)) * y) < 1e-5
+    ops.gelu(x, out)
+    erf = np.vectorize(math.erf)
+    assert rel_err(out, 0.5 * xd * (1 + erf(xd / math.sqrt(2)))) < 1e-6
+    ops.quick_gelu(x, out)
+    assert rel_err(out, xd / (1 + np.exp(-1.702 * xd))) < 1e-5
+    ops.softmax_rows(x, out)
+    e = np.exp(xd - xd.max(1, keepdims=True))
+    assert rel_err(out, e / e.sum(1, keepdims=True)) < 1e-5
+
+
+def test_rope_neox_rotates_half():
+    rng = np.random.default_rng(2)
+    n_head, d, m = 3, 16, 5
+    x = rng.standard_normal((m, n_head * d)).astype(np.float32)
+    pos = np.arange(7, 7 + m)
+    want = x.astype(np.float64).reshape(m, n_head, d).copy()
+    inv = 1.0 / 10000.0 ** (np.arange(0, d, 2) / d)
+    ang = pos[:, None] * inv[None, :]
+    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    a, b = want[..., : d // 2].copy(), want[..., d // 2:].copy()
+    want[..., : d // 2], want[..., d // 2:] = a * c - b * s, b * c + a * s
+    CPUBackend().rope(x, n_head, pos, 10000.0)
+    assert rel_err(x.reshape(m, n_head, d), want) < 1e-5
+
+
+@pytest.mark.parametrize("f16", [False, True])
+def test_attention_causal_over_cache(f16):
+    rng = np.random.default_rng(6)
+    n_head, d, pos0, m = 4, 16, 9, 5
+    k = rng.standard_normal((pos0 + m, n_head * d)).astype(np.float32)
+    v = rng.standard_normal((pos0 + m, n_head * d)).astype(np.float32)
+    q = rng.standard_normal((m, n_head * d)).astype(np.float32)
+    be = CPUBackend()
+    kc, vc = be.kv_cache(1, 32, n_head * d, f16)[0]
+    be.cache_store(k, kc, 0)
+    be.cache_store(v, vc, 0)
+    out = np.empty_like(q)
+    ops.attention_causal(q, kc, vc, pos0, n_head, out)
+    if f16:
+        k, v = k.astype(np.float16), v.astype(np.float16)
+    want = np.empty((m, n_head, d))
+    for i in range(m):
+        n = pos0 + i + 1
+        for h in range(n_head):
+            sl = slice(h * d, (h + 1) * d)
+            s = k[:n, sl].astype(np.float64) @ q[i, sl].astype(np.float64) / math.sqrt(d)
+            p = np.exp(s - s.max())
+            want[i, h] = (p / p.sum()) @ v[:n, sl].astype(np.float64)
+    assert rel_err(out.reshape(m, n_head, d), want) < 1e-5
+
+
+def test_topk_softmax_greedy_without_renormalisation():
+    rng = np.random.default_rng(12)
+    logits = rng.standard_normal((6, 64)).astype(np.float32) * 2
+    idx, w = np.empty((6, 6), np.int64), np.empty((6, 6), np.float32)
+    ops.topk_softmax(logits, 6, idx, w)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    want = np.argsort(-p, axis=1, kind="stable")[:, :6]
+    assert np.array_equal(idx, want)
+    assert rel_err(w, np.take_along_axis(p, want, 1)) < 1e-6
+    assert (w.sum(1) < 1).all()
