@@ -6,6 +6,10 @@ more in first-touch page faults (about 3 us a page on a VM) than the conversion 
 
     python bench/quant_speed.py [--mb 64] [--json]
 """
+import os
+
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # before numpy: see cli/__init__.py
+
 import argparse
 import json
 import time

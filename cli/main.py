@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 from collections import Counter
-from dsocr.cli import commands_models
+from dsocr.cli import commands_models, commands_ocr
 
 EXIT_ERROR = 1
 
@@ -19,11 +19,9 @@ class CliError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from dsocr.convert import ConvertError
     errors: list[type[BaseException]] = [CliError, ConvertError, OSError]
-    try:
-        from dsocr.runtime.errors import ModelError
-        errors.append(ModelError)
-    except ImportError:
-        pass
+    from dsocr.cli.config import ConfigError
+    from dsocr.runtime.errors import InputError, ModelError
+    errors += [ModelError, InputError, ConfigError]
     return tuple(errors)
 
 
@@ -32,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands_models.register(sub)
+    commands_ocr.register(sub)
     return parser
 
 

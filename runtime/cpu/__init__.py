@@ -1,12 +1,14 @@
 """The CPU backend: the ops the model graph calls, on numpy arrays, through numba kernels."""
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 
 from dsocr.quant.rows import dequantize_rows
 from dsocr.runtime.cpu import matmul as mm
-from dsocr.runtime.cpu import ops
+from dsocr.runtime.cpu import ops, vision_ops
 from dsocr.runtime.gguf_file import Tensor
 
 GEMV_MAX_ROWS = 4     # up to this many activation rows, one GEMV per row beats dequantize + BLAS
@@ -44,7 +46,7 @@ class CPUBackend:
     def matmul(self, x: np.ndarray, w: Tensor, out: np.ndarray | None = None) -> np.ndarray:
         """x [m, k] @ w[n, k]^T -> [m, n]."""
         m = x.shape[0]
-        out = np.empty((m, w.shape[-2]), np.float32) if out is None else out
+        out = np.empty((m, w.shape[0]), np.float32) if out is None else out
         if m <= GEMV_MAX_ROWS:
             for i in range(m):
                 mm.gemv(w.code, w.rows2d, x[i], out[i])
@@ -84,6 +86,46 @@ class CPUBackend:
     def rope(self, x: np.ndarray, n_head: int, positions: np.ndarray, theta: float) -> None:
         cos, sin = ops.rope_tables(positions, x.shape[1] // n_head, theta)
         ops.rope_neox(x, n_head, cos, sin)
+
+    # ---- vision
+    def conv2d(self, x: np.ndarray, w: Tensor, k: int, stride: int, pad: int, bias=None) -> np.ndarray:
+        """x [H, W, Cin] (*) w [Cout, Cin, k, k] -> [Ho, Wo, Cout], through im2col + GEMM."""
+        H, W, C = x.shape
+        ho, wo = (H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1
+        cols = np.empty((ho * wo, C * k * k), np.float32)
+        vision_ops.im2col(np.ascontiguousarray(x), k, stride, pad, cols)
+        y = self.matmul(cols, w)
+        if bias is not None:
+            ops.add_bias(y, bias)
+        return y.reshape(ho, wo, -1)
+
+    window_partition = staticmethod(vision_ops.window_partition)
+    window_unpartition = staticmethod(vision_ops.window_unpartition)
+
+    def attention(self, q, k, v, n_head: int, relpos=None, chunk: int = 512) -> np.ndarray:
+        """Bidirectional attention per batch item and head: q, k, v [B, n, n_head*d] -> [B, n, n_head*d].
+        relpos = (Rh, Rw, H, W) adds SAM's decomposed relative positions. Scores are made a chunk of
+        query rows at a time with BLAS, so no head's full score matrix is ever held."""
+        B, n, c = q.shape
+        d = c // n_head
+        scale = np.float32(1.0 / math.sqrt(d))
+        out = np.empty((B, n, c), np.float32)
+        scores = np.empty((min(chunk, n), n), np.float32)
+        for b in range(B):
+            for h in range(n_head):
+                sl = slice(h * d, (h + 1) * d)
+                kh, vh = np.ascontiguousarray(k[b, :, sl]), np.ascontiguousarray(v[b, :, sl])
+                for r0 in range(0, n, chunk):
+                    qh = np.ascontiguousarray(q[b, r0:r0 + chunk, sl])
+                    s = scores[: qh.shape[0]]
+                    np.matmul(qh, kh.T, out=s)
+                    if relpos is None:
+                        vision_ops.softmax_scaled(s, scale)
+                    else:
+                        Rh, Rw, H, W = relpos
+                        vision_ops.softmax_relpos(s, qh, r0, Rh, Rw, H, W, scale)
+                    out[b, r0:r0 + qh.shape[0], sl] = s @ vh
+        return out
 
     def kv_cache(self, n_layer: int, n_ctx: int, width: int, f16: bool) -> list[tuple[np.ndarray, np.ndarray]]:
         dtype = np.uint16 if f16 else np.float32

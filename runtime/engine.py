@@ -1,0 +1,129 @@
+"""The OCR pipeline shared by `dsocr ocr` and the server: images + prompt -> streamed text.
+
+    prompt text --tokenizer--> ids with each <image> expanded to its image's token count
+    images --preprocess--> views --VisionModel--> rows, scattered into the <image> positions
+    --LanguageModel + generate--> text deltas, then token ids, finish reason and timings
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from dsocr.runtime.errors import InputError, ModelError
+from dsocr.runtime.generate import GenerationResult, SamplingParams, generate
+from dsocr.runtime.gguf_file import GGUFFile
+from dsocr.runtime.language import LanguageModel
+from dsocr.runtime.preprocess import ViewConfig, build_prompt_ids, prepare_image
+from dsocr.runtime.tokenizer import TextTokenizer
+from dsocr.runtime.vision import VisionModel
+
+DEFAULT_PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
+IMAGE_TOKEN = "<image>"
+
+
+def find_model_pair(model: str | Path, mmproj: str | Path | None = None) -> tuple[Path, Path]:
+    """The language-model GGUF and its mmproj: `model` is the LM file or a folder holding the pair;
+    the mmproj is found beside the LM (mmproj-*.gguf) when not given."""
+    model = Path(model).expanduser()
+    if model.is_dir():
+        lms = sorted(p for p in model.glob("*.gguf") if not p.name.startswith("mmproj"))
+        if not lms:
+            raise ModelError(f"{model}: no language-model .gguf in this folder")
+        if len(lms) > 1:
+            raise ModelError(f"{model}: several language models here ({', '.join(p.name for p in lms)}); name one")
+        model = lms[0]
+    elif not model.is_file():
+        raise ModelError(f"{model}: no such model file or folder")
+    if mmproj is None:
+        beside = sorted(model.parent.glob("mmproj*.gguf"))
+        if not beside:
+            raise ModelError(f"no mmproj-*.gguf beside {model}; pass --mmproj")
+        stem_match = [p for p in beside if _stem(model) in p.name]
+        mmproj = (stem_match or beside)[0]
+    mmproj = Path(mmproj).expanduser()
+    if not mmproj.is_file():
+        raise ModelError(f"{mmproj}: no such mmproj file")
+    return model, mmproj
+
+
+def _stem(lm: Path) -> str:
+    """DeepSeek-OCR-Q8_0.gguf -> DeepSeek-OCR (to pair with mmproj-DeepSeek-OCR-F16.gguf)."""
+    return lm.stem.rsplit("-", 1)[0]
+
+
+def make_backend(device: str = "cpu", threads: int | None = None):
+    if device == "cpu":
+        from dsocr.runtime.cpu import CPUBackend
+        return CPUBackend(threads)
+    if device == "cuda":
+        from dsocr.runtime.cuda import CUDABackend
+        return CUDABackend()
+    raise InputError(f"unknown device {device!r} (cpu or cuda)")
+
+
+@dataclass
+class OcrRequest:
+    images: list[Image.Image]
+    prompt: str = DEFAULT_PROMPT
+    view: ViewConfig = field(default_factory=ViewConfig)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+def normalize_prompt(prompt: str, n_images: int) -> str:
+    """A prompt without <image> gets one prepended for a single image; counts must match."""
+    count = prompt.count(IMAGE_TOKEN)
+    if count == 0 and n_images == 1:
+        return IMAGE_TOKEN + "\n" + prompt
+    if count != n_images:
+        raise InputError(f"the prompt has {count} {IMAGE_TOKEN} marker(s) for {n_images} image(s)")
+    return prompt
+
+
+class OcrEngine:
+    def __init__(self, model: str | Path, mmproj: str | Path | None = None, device: str = "cpu",
+                 threads: int | None = None):
+        lm_path, mm_path = find_model_pair(model, mmproj)
+        self.lm_path, self.mmproj_path = lm_path, mm_path
+        self.backend = make_backend(device, threads)
+        lm_file, mm_file = GGUFFile(lm_path), GGUFFile(mm_path)
+        self.lm = LanguageModel(lm_file, self.backend)
+        self.vision = VisionModel(mm_file, self.backend)
+        if self.vision.p.n_embd != self.lm.p.n_embd:
+            raise ModelError(f"{mm_path.name} projects to width {self.vision.p.n_embd} but {lm_path.name} "
+                             f"has width {self.lm.p.n_embd}: not a matching pair")
+        self.tokenizer = TextTokenizer.from_gguf(lm_file)
+        self.image_id = self.tokenizer.token_id(IMAGE_TOKEN)
+
+    def prepare(self, req: OcrRequest, timings: dict, progress=None) -> tuple[np.ndarray, list[int]]:
+        """Prompt ids and input embeddings (image rows in place)."""
+        t0 = time.perf_counter()
+        prompt = normalize_prompt(req.prompt, len(req.images))
+        prepared = [prepare_image(img, req.view) for img in req.images]
+        ids, is_image = build_prompt_ids(self.tokenizer, prompt, prepared, IMAGE_TOKEN)
+        t1 = time.perf_counter()
+        rows = [self.vision.image_embeddings(p, progress=progress) for p in prepared]
+        t2 = time.perf_counter()
+        embeds = self.lm.embed(ids)
+        if rows:
+            embeds[is_image] = np.concatenate(rows)
+        timings.update(preprocess_s=t1 - t0, vision_s=t2 - t1)
+        return embeds, ids
+
+    def stream(self, req: OcrRequest, result: GenerationResult, cancelled=lambda: False,
+               progress=None) -> Iterator[str]:
+        timings: dict = {}
+        embeds, ids = self.prepare(req, timings, progress)
+        result.timings.update(timings)
+        yield from generate(self.lm, self.tokenizer, self.backend.asarray(embeds), ids, req.sampling, result,
+                            cancelled)
+
+    def run(self, req: OcrRequest) -> GenerationResult:
+        result = GenerationResult()
+        for _ in self.stream(req, result):
+            pass
+        return result

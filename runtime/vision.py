@@ -1,0 +1,314 @@
+"""DeepSeek-OCR's vision tower from an mmproj GGUF (projector `deepseekocr`), top to bottom:
+
+    view [3, S, S] -> SAM ViT-B: 16-px patch conv + position table (resized for S != 1024)
+                      -> blocks: LN, attention in 14x14 windows (zero padded) or global, with
+                         decomposed relative positions; LN, MLP (exact GELU)
+                      -> neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d; net_2, net_3 (3x3, /2)
+                      = sam [g*g, C_sam]  (g = S/64)
+                   -> CLIP-L on SAM's features as patches: class token + position table (its
+                      16x16 grid resized for g != 16), pre-LN, blocks (fused qkv, quick GELU)
+                      = clip [1 + g*g, C_clip]
+                   -> projector: Linear(concat(clip[1:], sam))   [g*g, H]
+    image rows: tiles tiled into one grid, rows + image_newline; then the global grid, rows +
+    image_newline; then view_seperator.
+
+Keys llama.cpp's mmproj does not carry (SAM's global-attention blocks, SAM image and patch
+size, CLIP's LayerNorm epsilon) are read from `dsocr.vision.*` when present and default to the
+real model's values, as llama.cpp's C++ hard-codes them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from dsocr.runtime.errors import ModelError
+from dsocr.runtime.gguf_file import GGUFFile
+from dsocr.runtime.preprocess import PreparedImage
+
+
+@dataclass
+class VisionParams:
+    sam_layers: int
+    sam_width: int
+    sam_heads: int
+    sam_global: tuple[int, ...]
+    window: int
+    sam_patch: int
+    sam_image: int
+    clip_layers: int
+    clip_width: int
+    clip_heads: int
+    clip_eps: float
+    sam_eps: float
+    n_embd: int
+
+    @classmethod
+    def from_gguf(cls, f: GGUFFile) -> VisionParams:
+        if f.architecture != "clip" or f.get("clip.projector_type") != "deepseekocr":
+            raise ModelError(f"{f.path}: not a DeepSeek-OCR mmproj (architecture {f.architecture!r}, "
+                             f"projector {f.get('clip.projector_type')!r})")
+        return cls(sam_layers=int(f.require("clip.vision.sam.block_count")),
+                   sam_width=int(f.require("clip.vision.sam.embedding_length")),
+                   sam_heads=int(f.require("clip.vision.sam.head_count")),
+                   sam_global=tuple(int(i) for i in f.get("dsocr.vision.sam.global_attn_indexes", [2, 5, 8, 11])),
+                   window=int(f.get("clip.vision.window_size", 14)),
+                   sam_patch=int(f.get("dsocr.vision.sam.patch_size", 16)),
+                   sam_image=int(f.get("dsocr.vision.sam.image_size", 1024)),
+                   clip_layers=int(f.require("clip.vision.block_count")),
+                   clip_width=int(f.require("clip.vision.embedding_length")),
+                   clip_heads=int(f.require("clip.vision.attention.head_count")),
+                   clip_eps=float(f.get("dsocr.vision.clip.layer_norm_epsilon", 1e-5)),
+                   sam_eps=1e-6, n_embd=int(f.tensor("mm.model.fc.weight").shape[0]))
+
+
+# ---------------------------------------------------------------- table resizing (host, cached)
+
+def _aa_bicubic_weights(n_in: int, n_out: int) -> np.ndarray:
+    """PyTorch's antialiased bicubic (F.interpolate(..., antialias=True), align_corners=False) as an
+    [n_out, n_in] matrix: Keys cubic a=-0.5, support widened by the scale when downsampling."""
+    scale = n_in / n_out
+    support = 2.0 * scale if scale >= 1.0 else 2.0
+    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+
+    def cubic(x, a=-0.5):
+        x = abs(x)
+        if x < 1.0:
+            return ((a + 2) * x - (a + 3)) * x * x + 1
+        if x < 2.0:
+            return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+        return 0.0
+
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), n_in)
+        w = np.array([cubic((j - center + 0.5) * invscale) for j in range(lo, hi)])
+        m[i, lo:hi] = w / w.sum() if w.sum() != 0 else w
+    return m
+
+
+def resize_grid_bicubic_aa(grid: np.ndarray, n_out: int) -> np.ndarray:
+    """[n, n, C] -> [n_out, n_out, C]: width first, then height, as PyTorch's separable kernel."""
+    m = _aa_bicubic_weights(grid.shape[0], n_out)
+    x = np.einsum("ow,hwc->hoc", m, grid.astype(np.float64)).astype(np.float32)
+    return np.einsum("oh,hwc->owc", m, x.astype(np.float64)).astype(np.float32)
+
+
+def resize_linear(table: np.ndarray, n_out: int) -> np.ndarray:
+    """F.interpolate(mode="linear", align_corners=False) along the first axis: [n, d] -> [n_out, d]."""
+    n = table.shape[0]
+    scale = n / n_out
+    out = np.empty((n_out, table.shape[1]), np.float32)
+    for i in range(n_out):
+        src = max(scale * (i + 0.5) - 0.5, 0.0)
+        i0 = int(src)
+        i1 = i0 + (1 if i0 < n - 1 else 0)
+        l1 = src - i0
+        out[i] = ((1.0 - l1) * table[i0].astype(np.float64) + l1 * table[i1].astype(np.float64)).astype(np.float32)
+    return out
+
+
+def relative_table(rel_pos: np.ndarray, size: int) -> np.ndarray:
+    """get_rel_pos for q = k = `size`: R[i, j] = table[i - j + size - 1] (table resized to 2*size-1)."""
+    if rel_pos.shape[0] != 2 * size - 1:
+        rel_pos = resize_linear(rel_pos, 2 * size - 1)
+    idx = np.arange(size)[:, None] - np.arange(size)[None, :] + size - 1
+    return np.ascontiguousarray(rel_pos[idx])
+
+
+# ---------------------------------------------------------------- the model
+
+class SamBlock:
+    def __init__(self, f: GGUFFile, be, i: int):
+        p = f"v.sam.blk.{i}."
+        self.ln1_w, self.ln1_b = be.table(f.tensor(p + "pre_ln.weight")), be.table(f.tensor(p + "pre_ln.bias"))
+        self.ln2_w, self.ln2_b = be.table(f.tensor(p + "post_ln.weight")), be.table(f.tensor(p + "post_ln.bias"))
+        self.qkv, self.qkv_b = be.weight(f.tensor(p + "attn.qkv.weight")), be.table(f.tensor(p + "attn.qkv.bias"))
+        self.out, self.out_b = be.weight(f.tensor(p + "attn.out.weight")), be.table(f.tensor(p + "attn.out.bias"))
+        self.fc1, self.fc1_b = be.weight(f.tensor(p + "mlp.lin1.weight")), be.table(f.tensor(p + "mlp.lin1.bias"))
+        self.fc2, self.fc2_b = be.weight(f.tensor(p + "mlp.lin2.weight")), be.table(f.tensor(p + "mlp.lin2.bias"))
+        self.rel_h = f.tensor(p + "attn.pos_h.weight").floats()
+        self.rel_w = f.tensor(p + "attn.pos_w.weight").floats()
+
+
+class ClipBlock:
+    def __init__(self, f: GGUFFile, be, i: int):
+        p = f"v.blk.{i}."
+        self.ln1_w, self.ln1_b = be.table(f.tensor(p + "ln1.weight")), be.table(f.tensor(p + "ln1.bias"))
+        self.ln2_w, self.ln2_b = be.table(f.tensor(p + "ln2.weight")), be.table(f.tensor(p + "ln2.bias"))
+        self.qkv, self.qkv_b = be.weight(f.tensor(p + "attn_qkv.weight")), be.table(f.tensor(p + "attn_qkv.bias"))
+        self.out, self.out_b = be.weight(f.tensor(p + "attn_out.weight")), be.table(f.tensor(p + "attn_out.bias"))
+        self.fc1, self.fc1_b = be.weight(f.tensor(p + "ffn_up.weight")), be.table(f.tensor(p + "ffn_up.bias"))
+        self.fc2, self.fc2_b = be.weight(f.tensor(p + "ffn_down.weight")), be.table(f.tensor(p + "ffn_down.bias"))
+
+
+class VisionModel:
+    def __init__(self, f: GGUFFile, backend):
+        self.file, self.be = f, backend
+        self.p = p = VisionParams.from_gguf(f)
+        be = backend
+        t = lambda name: f.tensor(name)
+        self.patch_w, self.patch_b = be.weight(t("v.sam.patch_embd.weight")), be.table(t("v.sam.patch_embd.bias"))
+        pos = t("v.sam.pos_embd.weight").floats()
+        side = int(math.isqrt(pos.size // p.sam_width))
+        self.sam_pos = pos.reshape(side, side, p.sam_width)
+        self.sam_blocks = [SamBlock(f, be, i) for i in range(p.sam_layers)]
+        self.neck0, self.neck2 = be.weight(t("v.sam.neck.0.weight")), be.weight(t("v.sam.neck.2.weight"))
+        self.neck1 = (be.table(t("v.sam.neck.1.weight")), be.table(t("v.sam.neck.1.bias")))
+        self.neck3 = (be.table(t("v.sam.neck.3.weight")), be.table(t("v.sam.neck.3.bias")))
+        self.net2, self.net3 = be.weight(t("v.sam.net_2.weight")), be.weight(t("v.sam.net_3.weight"))
+        self.class_embd = t("v.class_embd").floats()
+        self.clip_pos = t("v.position_embd.weight").floats()
+        self.pre_ln = (be.table(t("v.pre_ln.weight")), be.table(t("v.pre_ln.bias")))
+        self.clip_blocks = [ClipBlock(f, be, i) for i in range(p.clip_layers)]
+        self.proj_w, self.proj_b = be.weight(t("mm.model.fc.weight")), be.table(t("mm.model.fc.bias"))
+        self.newline = t("v.image_newline").floats().reshape(-1)
+        self.separator = t("v.view_seperator").floats().reshape(-1)
+        self.patch_k = int(t("v.sam.patch_embd.weight").shape[-1])
+
+    # ---- tables for a grid size (computed once per size)
+    @lru_cache(maxsize=8)
+    def sam_pos_table(self, g: int) -> np.ndarray:
+        return self.sam_pos if self.sam_pos.shape[0] == g else resize_grid_bicubic_aa(self.sam_pos, g)
+
+    @lru_cache(maxsize=8)
+    def clip_pos_table(self, g: int) -> np.ndarray:
+        src = int(math.isqrt(self.clip_pos.shape[0] - 1))
+        if src == g:
+            return self.clip_pos
+        grid = resize_grid_bicubic_aa(self.clip_pos[1:].reshape(src, src, -1), g).reshape(g * g, -1)
+        return np.concatenate([self.clip_pos[:1], grid])
+
+    @lru_cache(maxsize=64)
+    def rel_tables(self, block: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        b = self.sam_blocks[block]
+        return relative_table(b.rel_h, size), relative_table(b.rel_w, size)
+
+    # ---- SAM
+    def sam(self, pixels: np.ndarray) -> np.ndarray:
+        """[3, S, S] -> [(S/64)^2, C_out] features, rows in (y, x) order."""
+        be, p = self.be, self.p
+        S = pixels.shape[-1]
+        k = self.patch_k
+        g = S // k
+        x = be.conv2d(be.asarray(pixels.transpose(1, 2, 0)), self.patch_w, k, k, 0, self.patch_b)   # [g, g, C]
+        x = x.reshape(g * g, p.sam_width)
+        be.add(x, be.asarray(self.sam_pos_table(g).reshape(g * g, p.sam_width)))
+        h = be.empty(x.shape)
+        for i, blk in enumerate(self.sam_blocks):
+            be.layernorm(x, blk.ln1_w, blk.ln1_b, p.sam_eps, h)
+            if i in p.sam_global:
+                a = self.sam_attention(h.reshape(1, g * g, p.sam_width), blk, i, g).reshape(g * g, p.sam_width)
+            else:
+                ws = p.window
+                nwin = ((g + ws - 1) // ws) ** 2
+                win = be.empty((nwin, ws * ws, p.sam_width))
+                be.window_partition(h.reshape(g, g, p.sam_width), ws, win)
+                win = self.sam_attention(win, blk, i, ws)
+                a = be.empty((g, g, p.sam_width))
+                be.window_unpartition(win, ws, a)
+                a = a.reshape(g * g, p.sam_width)
+            be.add(x, a)
+            be.layernorm(x, blk.ln2_w, blk.ln2_b, p.sam_eps, h)
+            m = be.matmul(h, blk.fc1)
+            be.add_bias(m, blk.fc1_b)
+            be.gelu(m, m)
+            m2 = be.matmul(m, blk.fc2)
+            be.add_bias(m2, blk.fc2_b)
+            be.add(x, m2)
+        # neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d (no biases, no activation), then /2, /2
+        y = be.matmul(x, self.neck0)                                          # [g*g, C_neck]
+        be.layernorm(y, self.neck1[0], self.neck1[1], p.sam_eps, y)
+        y = be.conv2d(y.reshape(g, g, -1), self.neck2, 3, 1, 1)
+        yy = y.reshape(g * g, -1)
+        be.layernorm(yy, self.neck3[0], self.neck3[1], p.sam_eps, yy)
+        y = be.conv2d(y, self.net2, 3, 2, 1)
+        y = be.conv2d(y, self.net3, 3, 2, 1)
+        return y.reshape(-1, y.shape[-1])
+
+    def sam_attention(self, x: np.ndarray, blk: SamBlock, i: int, size: int) -> np.ndarray:
+        # x [B, size*size, C] (windows, or the whole grid) -> [B, size*size, C]
+        be, p = self.be, self.p
+        B, n, c = x.shape
+        qkv = be.matmul(x.reshape(B * n, c), blk.qkv)
+        be.add_bias(qkv, blk.qkv_b)
+        qkv = qkv.reshape(B, n, 3, c)
+        Rh, Rw = self.rel_tables(i, size)
+        o = be.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], p.sam_heads, relpos=(Rh, Rw, size, size))
+        out = be.matmul(o.reshape(B * n, c), blk.out)
+        be.add_bias(out, blk.out_b)
+        return out.reshape(B, n, c)
+
+    # ---- CLIP
+    def clip(self, feats: np.ndarray) -> np.ndarray:
+        """[g*g, C_clip] SAM features as patches -> [1 + g*g, C_clip]."""
+        be, p = self.be, self.p
+        g = int(math.isqrt(feats.shape[0]))
+        x = be.asarray(np.concatenate([self.class_embd[None, :], be.to_host(feats)]) + self.clip_pos_table(g))
+        be.layernorm(x, self.pre_ln[0], self.pre_ln[1], p.clip_eps, x)
+        h = be.empty(x.shape)
+        n, c = x.shape
+        for blk in self.clip_blocks:
+            be.layernorm(x, blk.ln1_w, blk.ln1_b, p.clip_eps, h)
+            qkv = be.matmul(h, blk.qkv)
+            be.add_bias(qkv, blk.qkv_b)
+            qkv = qkv.reshape(1, n, 3, c)
+            o = be.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], p.clip_heads)
+            a = be.matmul(o.reshape(n, c), blk.out)
+            be.add_bias(a, blk.out_b)
+            be.add(x, a)
+            be.layernorm(x, blk.ln2_w, blk.ln2_b, p.clip_eps, h)
+            m = be.matmul(h, blk.fc1)
+            be.add_bias(m, blk.fc1_b)
+            be.quick_gelu(m, m)
+            m2 = be.matmul(m, blk.fc2)
+            be.add_bias(m2, blk.fc2_b)
+            be.add(x, m2)
+        return x
+
+    def encode_view(self, pixels: np.ndarray, trace: dict | None = None) -> np.ndarray:
+        """One view -> projected features [g*g, H] (grid rows)."""
+        be = self.be
+        sam = self.sam(pixels)
+        clip = self.clip(sam)
+        feats = be.asarray(np.concatenate([be.to_host(clip)[1:], be.to_host(sam)], axis=1))
+        out = be.matmul(feats, self.proj_w)
+        be.add_bias(out, self.proj_b)
+        if trace is not None:
+            trace.setdefault("sam", []).append(be.to_host(sam).copy())
+            trace.setdefault("clip", []).append(be.to_host(clip).copy())
+            trace.setdefault("projector", []).append(be.to_host(out).copy())
+        return be.to_host(out)
+
+    def image_embeddings(self, img: PreparedImage, trace: dict | None = None, progress=None) -> np.ndarray:
+        """The rows an image's <image> tokens take: tiles grid + newlines, global grid + newlines, separator."""
+        rows = []
+        if img.tiles:
+            feats = []
+            for i, t in enumerate(img.tiles):
+                feats.append(self.encode_view(t, trace))
+                if progress:
+                    progress(i + 1, len(img.tiles) + 1)
+            q = int(math.isqrt(feats[0].shape[0]))
+            w, h = img.grid
+            grid = np.stack(feats).reshape(h, w, q, q, -1).transpose(0, 2, 1, 3, 4).reshape(h * q, w * q, -1)
+            rows.append(self._with_newlines(grid))
+        glob = self.encode_view(img.global_view, trace)
+        if progress:
+            progress(len(img.tiles) + 1, len(img.tiles) + 1)
+        q = int(math.isqrt(glob.shape[0]))
+        rows.append(self._with_newlines(glob.reshape(q, q, -1)))
+        rows.append(self.separator[None, :])
+        out = np.concatenate(rows).astype(np.float32)
+        if out.shape[0] != img.n_tokens:
+            raise ModelError(f"image layout gives {out.shape[0]} rows for {img.n_tokens} image tokens")
+        return out
+
+    def _with_newlines(self, grid: np.ndarray) -> np.ndarray:
+        h, w, c = grid.shape
+        nl = np.broadcast_to(self.newline, (h, 1, c))
+        return np.concatenate([grid, nl], axis=1).reshape(h * (w + 1), c)
