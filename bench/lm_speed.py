@@ -27,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import run_worker, sgemm_baseline  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 PROMPT, DECODE, WARM = 300, 32, 8
 
@@ -73,21 +76,6 @@ def prefill_products(n_tok: int):
             (per_expert, 896, 1280, 64 * 11), (1, 1280, 129280, 1)]
 
 
-def sgemm_baseline(n_tok: int) -> dict:
-    total_s, flops = 0.0, 0.0
-    for m, k, n, count in prefill_products(n_tok):
-        a = np.random.default_rng(0).random((m, k), dtype=np.float32)
-        b = np.random.default_rng(1).random((k, n), dtype=np.float32)
-        a @ b
-        reps = max(3, min(50, int(2e9 / (2 * m * k * n))))
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        total_s += (time.perf_counter() - t) / reps * count
-        flops += 2.0 * m * k * n * count
-    return {"sgemm_s": total_s, "flops": flops, "sgemm_gflops": flops / total_s / 1e9}
-
-
 def active_bytes(f) -> int:
     """Weight bytes one decoded token reads."""
     n_exp, used = f.get("deepseek2-ocr.expert_count"), f.get("deepseek2-ocr.expert_used_count")
@@ -132,39 +120,24 @@ def worker(path: str) -> None:
                       "decode_s": decode_s, "active_bytes": active_bytes(f), "file_bytes": Path(path).stat().st_size}))
 
 
-def run_worker(path: Path) -> tuple[dict, float]:
-    r, w = os.pipe()
-    pid = os.posix_spawn(sys.executable, [sys.executable, __file__, "--worker", str(path)], dict(os.environ),
-                         file_actions=[(os.POSIX_SPAWN_DUP2, w, 1)])
-    os.close(w)
-    out = b""
-    while chunk := os.read(r, 65536):
-        out += chunk
-    os.close(r)
-    _, status, usage = os.wait4(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"worker for {path.name} failed")
-    return json.loads(out.decode().strip().splitlines()[-1]), usage.ru_maxrss / 1024
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--types", default="q8_0,q4_k_m,f16")
     ap.add_argument("--models", default=str(REPO / "models" / "bench"))
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        return worker(args.worker)
+        return worker(args.worker[0])
     from dsocr.convert.synthetic import write_random_gguf_pair
     real, tiny = REPO / "tests/fixtures/real-config", REPO / "tests/fixtures/tiny-dsocr"
     files = {t: write_random_gguf_pair(Path(args.models), t, "f16", real, tiny, which=("lm",),
                                      progress=sys.stderr.isatty())["lm"] for t in args.types.split(",")}
     bw = read_bandwidth()
-    gemm = sgemm_baseline(PROMPT)
+    gemm = sgemm_baseline(prefill_products(PROMPT))
     results = []
     for t, path in files.items():
-        m, rss = run_worker(path)
+        m, rss = run_worker(__file__, [str(path)])
         decode_tok_s = DECODE / m["decode_s"]
         roofline = bw["gb_s"] * 1e9 / m["active_bytes"]
         results.append({

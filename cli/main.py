@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 from collections import Counter
-from dsocr.cli import commands_models, commands_ocr
+from dsocr.cli import commands_models, commands_ocr, commands_serve
 
 EXIT_ERROR = 1
 
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands_models.register(sub)
     commands_ocr.register(sub)
+    commands_serve.register(sub)
     return parser
 
 

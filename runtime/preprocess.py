@@ -64,12 +64,13 @@ class PreparedImage:
     n_tokens: int = 0
 
 
-def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open an image file (or file-like / PIL image) as RGB with EXIF orientation applied."""
+def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS, label: str | None = None) -> Image.Image:
+    """Open an image file (or file-like / PIL image) as RGB with EXIF orientation applied;
+    `label` names it in error messages (default: its file name)."""
     if isinstance(source, Image.Image):
         img = source
     else:
-        name = getattr(source, "name", source)
+        name = label or getattr(source, "name", source)
         try:
             img = Image.open(source)
             w, h = img.size

@@ -1,0 +1,39 @@
+"""Shared by the benchmark scripts: worker processes measured with wait4, BLAS baselines."""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def run_worker(script: str, args: list[str]) -> tuple[dict, float]:
+    """Run `python script --worker ARGS...`; returns (its last stdout line as JSON, peak RSS MB)."""
+    r, w = os.pipe()
+    cmd = [sys.executable, script, "--worker", *args]
+    pid = os.posix_spawn(sys.executable, cmd, dict(os.environ), file_actions=[(os.POSIX_SPAWN_DUP2, w, 1)])
+    os.close(w)
+    out = b""
+    while chunk := os.read(r, 65536):
+        out += chunk
+    os.close(r)
+    _, status, usage = os.wait4(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"worker {' '.join(args)} failed")
+    return json.loads(out.decode().strip().splitlines()[-1]), usage.ru_maxrss / 1024
+
+
+def sgemm_baseline(products) -> dict:
+    """BLAS sgemm (all threads) on exactly these products [(m, k, n, count)]: seconds and GFLOP/s."""
+    total_s, flops = 0.0, 0.0
+    for m, k, n, count in products:
+        a = np.random.default_rng(0).random((m, k), dtype=np.float32)
+        b = np.random.default_rng(1).random((k, n), dtype=np.float32)
+        a @ b
+        reps = max(3, min(50, int(2e9 / (2 * m * k * n))))
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        total_s += (time.perf_counter() - t) / reps * count
+        flops += 2.0 * m * k * n * count
+    return {"sgemm_s": total_s, "flops": flops, "sgemm_gflops": flops / total_s / 1e9}

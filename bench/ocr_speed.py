@@ -1,0 +1,120 @@
+"""One page through the whole pipeline at full size: vision seconds and GFLOP/s against BLAS sgemm
+on the same products (measured in this run), prefill and decode tokens/s, peak RSS.
+
+Full-size random-weight files (real shapes) are written once under models/bench/: the mmproj in
+F16 and Q8_0 beside the Q8_0 language model (and Q4_K_M for the low-memory row). The page is a
+synthetic 1600x1200 document: base mode encodes one 1024 view; gundam encodes the 1024 global
+view plus 3x2 = 6 tiles of 640. Each row runs in its own process (peak RSS from wait4).
+
+    python bench/ocr_speed.py [--rows base:q8_0:f16,gundam:q8_0:f16,...] [--json]
+"""
+import os
+
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # before numpy: see cli/__init__.py
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import run_worker, sgemm_baseline  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DECODE = 32
+
+
+def view_products(side: int) -> list[tuple[int, int, int, int]]:
+    """(m, k, n, count) of every matrix product encoding one side x side view (real model)."""
+    g = side // 16
+    n = g * g
+    nw = ((g + 13) // 14) ** 2
+    prods = [(n, 768, 768, 1), (n, 768, 2304, 12), (n, 768, 768, 12), (n, 768, 3072, 12), (n, 3072, 768, 12),
+             (n, 768, 256, 1), (n, 2304, 256, 1), (n // 4, 2304, 512, 1), (n // 16, 4608, 1024, 1)]
+    # attention: windowed blocks (8) over nw windows of 196, global blocks (4) over all n; 12 heads of 64
+    prods += [(196, 64, 196, 2 * 12 * nw * 8), (n, 64, n, 2 * 12 * 4)]
+    c = n // 16 + 1
+    prods += [(c, 1024, 3072, 24), (c, 1024, 1024, 24), (c, 1024, 4096, 24), (c, 4096, 1024, 24),
+              (c, 64, c, 2 * 16 * 24), (c - 1, 2048, 1280, 1)]
+    return prods
+
+
+def page_products(mode: str) -> list:
+    return view_products(1024) + (view_products(640) * 6 if mode == "gundam" else [])
+
+
+def synthetic_page():
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (1600, 1200), "white")
+    d = ImageDraw.Draw(img)
+    for i in range(30):
+        d.text((60, 40 + 36 * i), f"Line {i}: the quick brown fox jumps over the lazy dog " * 2, fill="black")
+    return img
+
+
+def worker(mode: str, lm: str, mm: str) -> None:
+    from dsocr.runtime.engine import OcrEngine, OcrRequest
+    from dsocr.runtime.generate import GenerationResult, SamplingParams
+    from dsocr.runtime.preprocess import ViewConfig
+    t = time.perf_counter()
+    eng = OcrEngine(lm, mm)
+    load_s = time.perf_counter() - t
+    view = ViewConfig.from_mode(mode)
+    page = synthetic_page()
+    warm = OcrRequest([page.resize((320, 240))], view=ViewConfig.from_mode("tiny"),
+                      sampling=SamplingParams(max_new_tokens=2, ngram_mode="off"))
+    eng.run(warm)                                            # JIT cache, first page faults
+    res = GenerationResult()
+    req = OcrRequest([page], view=view, sampling=SamplingParams(max_new_tokens=DECODE, ngram_mode="off"))
+    for _ in eng.stream(req, res):
+        pass
+    t = res.timings
+    print(json.dumps({"load_s": load_s, "vision_s": t["vision_s"], "preprocess_s": t["preprocess_s"],
+                      "prefill_tok_s": t["prefill_tok_s"], "decode_tok_s": t["decode_tok_s"],
+                      "prompt_tokens": res.prompt_tokens,
+                      "file_bytes": Path(lm).stat().st_size + Path(mm).stat().st_size}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="base:q8_0:f16,gundam:q8_0:f16,gundam:q8_0:q8_0,gundam:q4_k_m:q8_0",
+                    help="mode:lm_type:mmproj_type, comma separated")
+    ap.add_argument("--models", default=str(REPO / "models" / "bench"))
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(*args.worker)
+    from dsocr.convert.synthetic import write_random_gguf_pair
+    real, tiny = REPO / "tests/fixtures/real-config", REPO / "tests/fixtures/tiny-dsocr"
+    rows = [r.split(":") for r in args.rows.split(",")]
+    quiet = not sys.stderr.isatty()
+    paths = {}
+    for mode, lt, mt in rows:
+        paths[(lt, mt)] = (write_random_gguf_pair(Path(args.models), lt, mt, real, tiny, which=("lm",), progress=not quiet)["lm"],
+                           write_random_gguf_pair(Path(args.models), lt, mt, real, tiny, which=("mmproj",), progress=not quiet)["mmproj"])
+    baselines = {mode: sgemm_baseline(page_products(mode)) for mode in {r[0] for r in rows}}
+    results = []
+    for mode, lt, mt in rows:
+        lm, mm = paths[(lt, mt)]
+        m, rss = run_worker(__file__, [mode, str(lm), str(mm)])
+        b = baselines[mode]
+        results.append({"mode": mode, "lm": lt, "mmproj": mt, "vision_s": round(m["vision_s"], 2),
+                        "vision_gflops": round(b["flops"] / m["vision_s"] / 1e9, 1),
+                        "sgemm_gflops": round(b["sgemm_gflops"], 1), "vision_ratio": round(b["sgemm_s"] / m["vision_s"], 3),
+                        "prefill_tok_s": round(m["prefill_tok_s"], 1), "decode_tok_s": round(m["decode_tok_s"], 2),
+                        "prompt_tokens": m["prompt_tokens"], "peak_rss_mb": round(rss),
+                        "files_mb": round(m["file_bytes"] / 2 ** 20), "load_s": round(m["load_s"], 2)})
+    if args.json:
+        print(json.dumps({"results": results}, indent=1))
+        return
+    cols = ["mode", "lm", "mmproj", "vision_s", "vision_gflops", "sgemm_gflops", "vision_ratio", "prefill_tok_s",
+            "decode_tok_s", "prompt_tokens", "peak_rss_mb", "files_mb"]
+    print("  ".join(f"{c:>13}" for c in cols))
+    for r in results:
+        print("  ".join(f"{r[c]:>13}" for c in cols))
+
+
+if __name__ == "__main__":
+    main()

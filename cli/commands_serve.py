@@ -1,0 +1,51 @@
+"""`dsocr serve`: the OpenAI-compatible server on one engine."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from dsocr.cli.commands_ocr import add_inference_flags, cli_overrides
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve OpenAI-compatible /v1/chat/completions and /v1/responses")
+    g = p.add_argument_group("server")
+    g.add_argument("--host")
+    g.add_argument("--port", type=int)
+    g.add_argument("--model-id", help="the name clients use as `model` (default deepseek-ocr)")
+    g.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/*")
+    g.add_argument("--max-queue", type=int, help="requests allowed to wait; more get 503")
+    g.add_argument("--max-body-mb", type=int, help="largest request body (images are inline)")
+    g.add_argument("--allow-private-urls", action="store_true", default=None,
+                   help="let image URLs resolve to private, loopback or link-local addresses")
+    add_inference_flags(p)
+    p.set_defaults(run=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from dsocr.cli.commands_ocr import resolve_model
+    from dsocr.cli.config import ConfigError, load_settings
+    from dsocr.runtime.engine import OcrEngine
+    from dsocr.runtime.errors import InputError
+    from dsocr.runtime.preprocess import ViewConfig
+    from dsocr.sanic_app import create_app
+    over = cli_overrides(args)
+    over["server"] = {"host": args.host, "port": args.port, "model_id": args.model_id, "api_key": args.api_key,
+                      "max_queue": args.max_queue, "max_body_mb": args.max_body_mb,
+                      "allow_private_urls": args.allow_private_urls}
+    try:
+        settings = load_settings(args.config, over)
+    except ConfigError as e:
+        raise InputError(str(e)) from None
+    inf = settings["inference"]
+    ViewConfig.from_mode(inf["mode"]).validate()
+    lm, mm = resolve_model(settings)
+    engine = OcrEngine(lm, mm, device=inf["device"], threads=int(inf["threads"]) or None)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    srv = settings["server"]
+    app = create_app(engine, settings.data)
+    print(f"dsocr: serving {srv['model_id']} ({lm.name} + {engine.mmproj_path.name}) on http://{srv['host']}:{srv['port']}",
+          file=sys.stderr, flush=True)
+    app.run(host=srv["host"], port=int(srv["port"]), single_process=True, access_log=False, motd=False)
+    return 0
