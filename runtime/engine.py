@@ -108,7 +108,7 @@ class OcrEngine:
         t1 = time.perf_counter()
         rows = [self.vision.image_embeddings(p, progress=progress) for p in prepared]
         t2 = time.perf_counter()
-        embeds = self.lm.embed(ids)
+        embeds = np.array(self.backend.to_host(self.lm.embed(ids)))
         if rows:
             embeds[is_image] = np.concatenate(rows)
         timings.update(preprocess_s=t1 - t0, vision_s=t2 - t1)

@@ -115,7 +115,7 @@ class LanguageModel:
             be.rmsnorm(x, self.output_norm, p.eps, final)
             hidden.append(be.to_host(final).copy())
         out = be.empty((len(rows), p.n_embd))
-        be.rmsnorm(be.asarray(x[rows]), self.output_norm, p.eps, out)
+        be.rmsnorm(x if len(rows) == m and rows[0] == 0 else be.take_rows(x, rows), self.output_norm, p.eps, out)
         return be.matmul(out, self.output)
 
     def attention(self, h, layer: Layer, kv, pos0: int, positions: np.ndarray):
@@ -140,43 +140,38 @@ class LanguageModel:
         # sum_k w_k expert_k(h) + shared(h), experts picked per token by softmax(router h), top-k
         be, p = self.be, self.p
         m = h.shape[0]
-        logits = be.to_host(be.matmul(h, layer.router))
-        idx = np.empty((m, p.n_expert_used), np.int64)
-        w = np.empty((m, p.n_expert_used), np.float32)
-        be.topk_softmax(np.ascontiguousarray(logits, np.float32), p.n_expert_used, idx, w)
-        if p.expert_norm:
-            w /= w.sum(axis=1, keepdims=True)
-        w *= np.float32(p.expert_scale)
+        idx, w = be.route(be.matmul(h, layer.router), p.n_expert_used)
+        if p.expert_norm or p.expert_scale != 1.0:   # DeepSeek-OCR uses neither; other files may
+            wh = be.to_host(w)
+            wh = wh / wh.sum(axis=1, keepdims=True) if p.expert_norm else wh
+            w = be.asarray(wh * np.float32(p.expert_scale))
         if self.routing is not None:
-            self.routing[i] = (idx.copy(), w.copy())
+            self.routing[i] = (be.to_host(idx).copy(), be.to_host(w).copy())
         out = self.mlp(h, layer.gate_sh, layer.up_sh, layer.down_sh)
         if m == 1:
-            return self._experts_one_token(h, layer, idx[0], w[0], out)
-        return self._experts_grouped(h, layer, idx, w, out)
+            return self._experts_one_token(h, layer, idx, w, out)
+        return self._experts_grouped(h, layer, be.to_host(idx), be.to_host(w), out)
 
     def _experts_one_token(self, h, layer: Layer, idx, w, out):
-        # decode: the k experts of one token in one launch per projection
-        be, k = self.be, len(idx)
-        hk = be.asarray(np.repeat(be.to_host(h), k, axis=0))
-        g = be.matmul_experts(hk, layer.gate_exps, idx, be.empty((k, self.p.n_ff_exp)))
-        u = be.matmul_experts(hk, layer.up_exps, idx, be.empty((k, self.p.n_ff_exp)))
+        # decode: the k experts of one token in one launch per projection (ids stay on the backend)
+        be, k = self.be, self.p.n_expert_used
+        hk = be.repeat_rows(h, k)
+        g = be.matmul_experts(hk, layer.gate_exps, idx[0], be.empty((k, self.p.n_ff_exp)))
+        u = be.matmul_experts(hk, layer.up_exps, idx[0], be.empty((k, self.p.n_ff_exp)))
         be.silu_mul(g, u, g)
-        y = be.to_host(be.matmul_experts(g, layer.down_exps, idx, be.empty((k, self.p.n_embd))))
-        out = be.to_host(out)
-        out[0] += (w[:, None] * y).sum(axis=0)
-        return be.asarray(out)
+        y = be.matmul_experts(g, layer.down_exps, idx[0], be.empty((k, self.p.n_embd)))
+        be.weighted_sum_into(out, y, w[0])
+        return out
 
-    def _experts_grouped(self, h, layer: Layer, idx, w, out):
-        # prefill: tokens grouped by expert, so each expert's weights are read once
+    def _experts_grouped(self, h, layer: Layer, idx: np.ndarray, w: np.ndarray, out):
+        # prefill: tokens grouped by expert (routing read on the host), so each expert's weights are read once
         be = self.be
-        hh = be.to_host(h)
-        out = be.to_host(out)
         for e in np.unique(idx):
             tok, slot = np.nonzero(idx == e)
-            x = be.asarray(hh[tok])
+            x = be.take_rows(h, tok)
             g = be.expert_matmul(x, layer.gate_exps, int(e))
             u = be.expert_matmul(x, layer.up_exps, int(e))
             be.silu_mul(g, u, g)
-            y = be.to_host(be.expert_matmul(g, layer.down_exps, int(e)))
-            out[tok] += w[tok, slot][:, None] * y
-        return be.asarray(out)
+            y = be.expert_matmul(g, layer.down_exps, int(e))
+            be.scatter_add_rows(out, tok, y, np.ascontiguousarray(w[tok, slot]))
+        return out

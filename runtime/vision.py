@@ -183,6 +183,15 @@ class VisionModel:
         grid = resize_grid_bicubic_aa(self.clip_pos[1:].reshape(src, src, -1), g).reshape(g * g, -1)
         return np.concatenate([self.clip_pos[:1], grid])
 
+    @lru_cache(maxsize=16)
+    def device_table(self, which: str, g: int):
+        """Position tables for grid g (and the class row) on the backend, made once per size."""
+        if which == "sam_pos":
+            return self.be.asarray(self.sam_pos_table(g).reshape(g * g, self.p.sam_width))
+        if which == "clip_pos":
+            return self.be.asarray(self.clip_pos_table(g))
+        return self.be.asarray(self.class_embd[None, :])
+
     @lru_cache(maxsize=64)
     def rel_tables(self, block: int, size: int) -> tuple[np.ndarray, np.ndarray]:
         b = self.sam_blocks[block]
@@ -197,7 +206,7 @@ class VisionModel:
         g = S // k
         x = be.conv2d(be.asarray(pixels.transpose(1, 2, 0)), self.patch_w, k, k, 0, self.patch_b)   # [g, g, C]
         x = x.reshape(g * g, p.sam_width)
-        be.add(x, be.asarray(self.sam_pos_table(g).reshape(g * g, p.sam_width)))
+        be.add(x, self.device_table("sam_pos", g))
         h = be.empty(x.shape)
         for i, blk in enumerate(self.sam_blocks):
             be.layernorm(x, blk.ln1_w, blk.ln1_b, p.sam_eps, h)
@@ -228,7 +237,7 @@ class VisionModel:
         be.layernorm(yy, self.neck3[0], self.neck3[1], p.sam_eps, yy)
         y = be.conv2d(y, self.net2, 3, 2, 1)
         y = be.conv2d(y, self.net3, 3, 2, 1)
-        return y.reshape(-1, y.shape[-1])
+        return y.reshape(y.shape[0] * y.shape[1], y.shape[2])
 
     def sam_attention(self, x: np.ndarray, blk: SamBlock, i: int, size: int) -> np.ndarray:
         # x [B, size*size, C] (windows, or the whole grid) -> [B, size*size, C]
@@ -248,7 +257,8 @@ class VisionModel:
         """[g*g, C_clip] SAM features as patches -> [1 + g*g, C_clip]."""
         be, p = self.be, self.p
         g = int(math.isqrt(feats.shape[0]))
-        x = be.asarray(np.concatenate([self.class_embd[None, :], be.to_host(feats)]) + self.clip_pos_table(g))
+        x = be.concat_rows(self.device_table("class", 0), feats)
+        be.add(x, self.device_table("clip_pos", g))
         be.layernorm(x, self.pre_ln[0], self.pre_ln[1], p.clip_eps, x)
         h = be.empty(x.shape)
         n, c = x.shape
@@ -275,7 +285,7 @@ class VisionModel:
         be = self.be
         sam = self.sam(pixels)
         clip = self.clip(sam)
-        feats = be.asarray(np.concatenate([be.to_host(clip)[1:], be.to_host(sam)], axis=1))
+        feats = be.concat_cols(be.take_rows(clip, np.arange(1, clip.shape[0])), sam)
         out = be.matmul(feats, self.proj_w)
         be.add_bias(out, self.proj_b)
         if trace is not None:

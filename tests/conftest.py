@@ -2,6 +2,9 @@
 import os
 
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # before numpy loads OpenBLAS: see cli/__init__.py
+# No NVIDIA device (CI): the CUDA backend's tests run in numba's simulator. Read when numba loads.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -267,6 +267,9 @@ def test_bad_inputs(converted, three_page_pdf, tmp_path):
     assert_one_line_error(run_cli("ocr", img, "--model", lm, "--mmproj", lm), "not a DeepSeek-OCR mmproj")
     assert_one_line_error(run_cli("ocr", img, *model, "--mode", "gundam", "--image-size", 512), "640")
     assert_one_line_error(run_cli("ocr", img, "--model", tmp_path / "nope.gguf"), "no such model")
+    if not os.path.exists("/dev/nvidiactl"):     # outside the simulator, no GPU is a plain error
+        assert_one_line_error(run_cli("ocr", img, *model, "--device", "cuda", env={"NUMBA_ENABLE_CUDASIM": "0"}),
+                              "--device cuda: no usable NVIDIA GPU")
 
 
 def narrow_mmproj(src, dst, width):

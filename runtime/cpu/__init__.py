@@ -70,6 +70,34 @@ class CPUBackend:
         dequantize_rows(t.code, np.ascontiguousarray(rows), out)
         return out
 
+    # ---- row plumbing (the graphs never index activations themselves, so a device backend can keep them)
+    def take_rows(self, x: np.ndarray, rows) -> np.ndarray:
+        return np.ascontiguousarray(x[np.asarray(rows)])
+
+    def repeat_rows(self, x: np.ndarray, k: int) -> np.ndarray:
+        return np.repeat(x, k, axis=0)
+
+    def concat_rows(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.concatenate([a, b], axis=0)
+
+    def concat_cols(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.concatenate([a, b], axis=1)
+
+    def weighted_sum_into(self, out: np.ndarray, y: np.ndarray, w: np.ndarray) -> None:
+        """out[0] += sum_k w[k] y[k]  (a token's routed experts)."""
+        out[0] += (np.asarray(w)[:, None] * y).sum(axis=0)
+
+    def scatter_add_rows(self, out: np.ndarray, rows: np.ndarray, y: np.ndarray, w: np.ndarray) -> None:
+        """out[rows[i]] += w[i] y[i]  (an expert's outputs back to its tokens)."""
+        out[rows] += w[:, None] * y
+
+    def route(self, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Softmax router, greedy top-k (no renormalisation): (expert ids [m, k], weights [m, k])."""
+        idx = np.empty((logits.shape[0], k), np.int64)
+        w = np.empty((logits.shape[0], k), np.float32)
+        ops.topk_softmax(np.ascontiguousarray(logits, np.float32), k, idx, w)
+        return idx, w
+
     # ---- elementwise and attention
     rmsnorm = staticmethod(ops.rmsnorm)
     layernorm = staticmethod(ops.layernorm)
@@ -81,7 +109,6 @@ class CPUBackend:
     add_bias = staticmethod(ops.add_bias)
     cache_store = staticmethod(ops.cache_store)
     attention_causal = staticmethod(ops.attention_causal)
-    topk_softmax = staticmethod(ops.topk_softmax)
 
     def rope(self, x: np.ndarray, n_head: int, positions: np.ndarray, theta: float) -> None:
         cos, sin = ops.rope_tables(positions, x.shape[1] // n_head, theta)
