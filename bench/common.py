@@ -37,3 +37,9 @@ def sgemm_baseline(products) -> dict:
         total_s += (time.perf_counter() - t) / reps * count
         flops += 2.0 * m * k * n * count
     return {"sgemm_s": total_s, "flops": flops, "sgemm_gflops": flops / total_s / 1e9}
+
+
+def device_gemm_baseline(products, peak_gflops: float) -> dict:
+    """The sgemm_baseline dict for a GPU: these products' flops at the measured device GEMM peak."""
+    flops = sum(2.0 * m * k * n * count for m, k, n, count in products)
+    return {"sgemm_s": flops / (peak_gflops * 1e9), "flops": flops, "sgemm_gflops": peak_gflops}

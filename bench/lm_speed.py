@@ -12,8 +12,10 @@ Baselines measured here, in this run:
   per token (attention, the dense FFN, router + 6 routed + shared experts, the output row block);
 * BLAS sgemm on exactly the prefill's matrix products (all threads); prefill_ratio is the time
   BLAS alone needs for them divided by our whole prefill time.
+With --device cuda the model runs on the GPU and the baselines are the device's: bandwidth from a
+copy kernel, and the products' flops at the FP32 peak of a register-tiled SGEMM (bench/cuda_baselines.py).
 
-    python bench/lm_speed.py [--types q8_0,q4_k_m,f16] [--json]
+    python bench/lm_speed.py [--types q8_0,q4_k_m,f16] [--device cpu|cuda] [--json]
 """
 import os
 
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_worker, sgemm_baseline  # noqa: E402
+from common import device_gemm_baseline, run_worker, sgemm_baseline  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT, DECODE, WARM = 300, 32, 8
@@ -90,19 +92,21 @@ def active_bytes(f) -> int:
     return total
 
 
-def worker(path: str) -> None:
+def worker(path: str, device: str) -> None:
     t0 = time.perf_counter()
-    from dsocr.runtime.cpu import CPUBackend
+    from dsocr.runtime.engine import make_backend
     from dsocr.runtime.gguf_file import GGUFFile
     from dsocr.runtime.language import LanguageModel
     f = GGUFFile(path)
-    lm = LanguageModel(f, CPUBackend())
+    be = make_backend(device)
+    lm = LanguageModel(f, be)
+    be.synchronize()
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     ids = rng.integers(3, 900, PROMPT)
     t = time.perf_counter()
     scratch = lm.new_cache(PROMPT + DECODE + 2 * WARM)
-    lm.forward(lm.embed(ids[:WARM]), 0, scratch)
+    be.to_host(lm.forward(lm.embed(ids[:WARM]), 0, scratch))
     first_kernels_s = time.perf_counter() - t          # JIT from cache + first page faults
     for i in range(WARM):                              # warm the decode path
         lm.forward(lm.embed(ids[i:i + 1]), WARM + i, scratch)
@@ -110,11 +114,11 @@ def worker(path: str) -> None:
     cache = lm.new_cache(PROMPT + DECODE + 1)
     t = time.perf_counter()
     logits = lm.forward(lm.embed(ids), 0, cache)
+    tok = int(np.argmax(be.to_host(logits)[-1]))       # logits come back: the device is done
     prefill_s = time.perf_counter() - t
-    tok = int(np.argmax(logits[-1]))
     t = time.perf_counter()
     for i in range(DECODE):
-        tok = int(np.argmax(lm.forward(lm.embed([tok]), PROMPT + i, cache)[-1]))
+        tok = int(np.argmax(be.to_host(lm.forward(lm.embed([tok]), PROMPT + i, cache))[-1]))
     decode_s = time.perf_counter() - t
     print(json.dumps({"load_s": load_s, "first_kernels_s": first_kernels_s, "prefill_s": prefill_s,
                       "decode_s": decode_s, "active_bytes": active_bytes(f), "file_bytes": Path(path).stat().st_size}))
@@ -124,20 +128,27 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--types", default="q8_0,q4_k_m,f16")
     ap.add_argument("--models", default=str(REPO / "models" / "bench"))
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        return worker(args.worker[0])
+        return worker(*args.worker)
     from dsocr.convert.synthetic import write_random_gguf_pair
     real, tiny = REPO / "tests/fixtures/real-config", REPO / "tests/fixtures/tiny-dsocr"
     files = {t: write_random_gguf_pair(Path(args.models), t, "f16", real, tiny, which=("lm",),
                                      progress=sys.stderr.isatty())["lm"] for t in args.types.split(",")}
-    bw = read_bandwidth()
-    gemm = sgemm_baseline(prefill_products(PROMPT))
+    if args.device == "cuda":
+        import cuda_baselines
+        bw = {"copy_kernel_gb_s": cuda_baselines.copy_bandwidth()}
+        bw["gb_s"] = bw["copy_kernel_gb_s"]
+        gemm = device_gemm_baseline(prefill_products(PROMPT), cuda_baselines.sgemm_peak())
+    else:
+        bw = read_bandwidth()
+        gemm = sgemm_baseline(prefill_products(PROMPT))
     results = []
     for t, path in files.items():
-        m, rss = run_worker(__file__, [str(path)])
+        m, rss = run_worker(__file__, [str(path), args.device])
         decode_tok_s = DECODE / m["decode_s"]
         roofline = bw["gb_s"] * 1e9 / m["active_bytes"]
         results.append({
@@ -148,13 +159,13 @@ def main():
             "peak_rss_mb": round(rss), "file_mb": round(m["file_bytes"] / 2 ** 20),
             "rss_over_file_mb": round(rss - m["file_bytes"] / 2 ** 20), "active_mb": round(m["active_bytes"] / 2 ** 20),
             "load_s": round(m["load_s"], 2), "first_kernels_s": round(m["first_kernels_s"], 2)})
-    out = {"bandwidth": {k: round(v, 2) for k, v in bw.items()}, "prompt_tokens": PROMPT, "decode_tokens": DECODE,
+    out = {"device": args.device, "bandwidth": {k: round(v, 2) for k, v in bw.items()}, "prompt_tokens": PROMPT, "decode_tokens": DECODE,
            "results": results}
     if args.json:
         print(json.dumps(out, indent=1))
         return
-    print(f"read bandwidth {bw['gb_s']:.1f} GB/s (numba stream {bw['numba_stream_gb_s']:.1f}, numpy sgemv "
-          f"{bw['numpy_sgemv_gb_s']:.1f}); BLAS sgemm on the prefill products {gemm['sgemm_gflops']:.0f} GFLOP/s")
+    print(f"{args.device}: bandwidth {bw['gb_s']:.1f} GB/s ({', '.join(f'{k} {v:.1f}' for k, v in bw.items() if k != 'gb_s')}); "
+          f"GEMM baseline on the prefill products {gemm['sgemm_gflops']:.0f} GFLOP/s")
     cols = ["type", "decode_tok_s", "roofline_tok_s", "decode_ratio", "prefill_tok_s", "prefill_gflops",
             "sgemm_gflops", "prefill_ratio", "peak_rss_mb", "file_mb", "load_s", "first_kernels_s"]
     print("  ".join(f"{c:>14}" for c in cols))

@@ -5,8 +5,10 @@ Full-size random-weight files (real shapes) are written once under models/bench/
 F16 and Q8_0 beside the Q8_0 language model (and Q4_K_M for the low-memory row). The page is a
 synthetic 1600x1200 document: base mode encodes one 1024 view; gundam encodes the 1024 global
 view plus 3x2 = 6 tiles of 640. Each row runs in its own process (peak RSS from wait4).
+With --device cuda the page runs on the GPU and vision is compared with the FP32 peak of a
+register-tiled SGEMM measured on the device (bench/cuda_baselines.py).
 
-    python bench/ocr_speed.py [--rows base:q8_0:f16,gundam:q8_0:f16,...] [--json]
+    python bench/ocr_speed.py [--rows base:q8_0:f16,gundam:q8_0:f16,...] [--device cpu|cuda] [--json]
 """
 import os
 
@@ -19,7 +21,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_worker, sgemm_baseline  # noqa: E402
+from common import device_gemm_baseline, run_worker, sgemm_baseline  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DECODE = 32
@@ -53,12 +55,12 @@ def synthetic_page():
     return img
 
 
-def worker(mode: str, lm: str, mm: str) -> None:
+def worker(mode: str, lm: str, mm: str, device: str) -> None:
     from dsocr.runtime.engine import OcrEngine, OcrRequest
     from dsocr.runtime.generate import GenerationResult, SamplingParams
     from dsocr.runtime.preprocess import ViewConfig
     t = time.perf_counter()
-    eng = OcrEngine(lm, mm)
+    eng = OcrEngine(lm, mm, device=device)
     load_s = time.perf_counter() - t
     view = ViewConfig.from_mode(mode)
     page = synthetic_page()
@@ -81,8 +83,9 @@ def main():
     ap.add_argument("--rows", default="base:q8_0:f16,gundam:q8_0:f16,gundam:q8_0:q8_0,gundam:q4_k_m:q8_0",
                     help="mode:lm_type:mmproj_type, comma separated")
     ap.add_argument("--models", default=str(REPO / "models" / "bench"))
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(*args.worker)
@@ -94,11 +97,16 @@ def main():
     for mode, lt, mt in rows:
         paths[(lt, mt)] = (write_random_gguf_pair(Path(args.models), lt, mt, real, tiny, which=("lm",), progress=not quiet)["lm"],
                            write_random_gguf_pair(Path(args.models), lt, mt, real, tiny, which=("mmproj",), progress=not quiet)["mmproj"])
-    baselines = {mode: sgemm_baseline(page_products(mode)) for mode in {r[0] for r in rows}}
+    if args.device == "cuda":
+        import cuda_baselines
+        peak = cuda_baselines.sgemm_peak()
+        baselines = {mode: device_gemm_baseline(page_products(mode), peak) for mode in {r[0] for r in rows}}
+    else:
+        baselines = {mode: sgemm_baseline(page_products(mode)) for mode in {r[0] for r in rows}}
     results = []
     for mode, lt, mt in rows:
         lm, mm = paths[(lt, mt)]
-        m, rss = run_worker(__file__, [mode, str(lm), str(mm)])
+        m, rss = run_worker(__file__, [mode, str(lm), str(mm), args.device])
         b = baselines[mode]
         results.append({"mode": mode, "lm": lt, "mmproj": mt, "vision_s": round(m["vision_s"], 2),
                         "vision_gflops": round(b["flops"] / m["vision_s"] / 1e9, 1),
@@ -107,7 +115,7 @@ def main():
                         "prompt_tokens": m["prompt_tokens"], "peak_rss_mb": round(rss),
                         "files_mb": round(m["file_bytes"] / 2 ** 20), "load_s": round(m["load_s"], 2)})
     if args.json:
-        print(json.dumps({"results": results}, indent=1))
+        print(json.dumps({"device": args.device, "results": results}, indent=1))
         return
     cols = ["mode", "lm", "mmproj", "vision_s", "vision_gflops", "sgemm_gflops", "vision_ratio", "prefill_tok_s",
             "decode_tok_s", "prompt_tokens", "peak_rss_mb", "files_mb"]
