@@ -5,6 +5,25 @@ Attention products go through BLAS in row chunks (see CPUBackend.attention), so 
 import numpy as np
 from numba import njit, prange
 
+from dsocr.quant.bits import bits_f32
+
+
+@njit(cache=True, inline="always", fastmath=True)
+def exp_f32(x):
+    """e**x in plain float32 arithmetic that LLVM vectorises (numba's exp is a scalar libm call
+    without SVML): Cephes' expf, 2**n * p(r) with |r| <= ln2/2, within 2 ulp of libm."""
+    x = min(max(x, np.float32(-87.0)), np.float32(88.0))
+    n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    return p * bits_f32((np.int32(n) + np.int32(127)) << np.int32(23))
+
 
 @njit(cache=True, parallel=True)
 def im2col(x, k, stride, pad, out):
@@ -64,7 +83,7 @@ def softmax_scaled(scores, scale):
             mx = max(mx, scores[i, j])
         s = np.float32(0.0)
         for j in range(n):
-            e = np.exp(scores[i, j] - mx)
+            e = exp_f32(scores[i, j] - mx)
             scores[i, j] = e
             s += e
         inv = np.float32(1.0) / s
@@ -94,13 +113,14 @@ def softmax_relpos(scores, q, row0, Rh, Rw, H, W, scale):
                 s += q[i, c] * Rw[wq, kw, c]
             rel_w[kw] = s
         mx = np.float32(-np.inf)
-        for j in range(n):
-            v = scores[i, j] * scale + rel_h[j // W] + rel_w[j % W]
-            scores[i, j] = v
-            mx = max(mx, v)
+        for kh in range(H):
+            for kw in range(W):
+                v = scores[i, kh * W + kw] * scale + rel_h[kh] + rel_w[kw]
+                scores[i, kh * W + kw] = v
+                mx = max(mx, v)
         s = np.float32(0.0)
         for j in range(n):
-            e = np.exp(scores[i, j] - mx)
+            e = exp_f32(scores[i, j] - mx)
             scores[i, j] = e
             s += e
         inv = np.float32(1.0) / s
