@@ -153,18 +153,19 @@ def test_rope_neox_rotates_half():
 
 
 @pytest.mark.parametrize("f16", [False, True])
-def test_attention_causal_over_cache(f16):
+@pytest.mark.parametrize("m", [1, 5, 37])     # decode kernel; BLAS path over chunks of 16 query rows
+def test_attention_causal_over_cache(f16, m):
     rng = np.random.default_rng(6)
-    n_head, d, pos0, m = 4, 16, 9, 5
+    n_head, d, pos0 = 4, 16, 9
     k = rng.standard_normal((pos0 + m, n_head * d)).astype(np.float32)
     v = rng.standard_normal((pos0 + m, n_head * d)).astype(np.float32)
     q = rng.standard_normal((m, n_head * d)).astype(np.float32)
     be = CPUBackend()
-    kc, vc = be.kv_cache(1, 32, n_head * d, f16)[0]
+    kc, vc = be.kv_cache(1, 64, n_head * d, f16)[0]
     be.cache_store(k, kc, 0)
     be.cache_store(v, vc, 0)
     out = np.empty_like(q)
-    ops.attention_causal(q, kc, vc, pos0, n_head, out)
+    be.attention_causal(q, kc, vc, pos0, n_head, out, chunk=16)
     if f16:
         k, v = k.astype(np.float16), v.astype(np.float16)
     want = np.empty((m, n_head, d))

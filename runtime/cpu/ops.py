@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from dsocr.quant.bits import fp16_to_fp32, fp32_to_fp16
+from dsocr.quant.bits import bits_f32, fp16_to_fp32, fp32_to_fp16
 
 _SQRT1_2 = 0.7071067811865476
 
@@ -164,6 +164,52 @@ def cache_store(src, cache, pos0):
     for i in prange(m):
         for j in range(c):
             cache[pos0 + i, j] = kv_element(src[i, j], cache[0, 0])
+
+
+@njit(cache=True, inline="always", fastmath=True)
+def exp_f32(x):
+    """e**x in plain float32 arithmetic that LLVM vectorises (numba's exp is a scalar libm call
+    without SVML): Cephes' expf, 2**n * p(r) with |r| <= ln2/2, within 2 ulp of libm."""
+    x = min(max(x, np.float32(-87.0)), np.float32(88.0))
+    n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    return p * bits_f32((np.int32(n) + np.int32(127)) << np.int32(23))
+
+
+@njit(cache=True, inline="always", fastmath=True)
+def exp_normalize(row, n, mx):
+    # row[:n] in place -> exp(row - mx) / sum: the second half of a softmax, given the row's max
+    s = np.float32(0.0)
+    for j in range(n):
+        e = exp_f32(row[j] - mx)
+        row[j] = e
+        s += e
+    inv = np.float32(1.0) / s
+    for j in range(n):
+        row[j] *= inv
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def softmax_scaled(scores, scale, n0):
+    # scores [r, c] in place: row i -> softmax(scores[i, :n] * scale) with n = min(c, n0 + i), zeros
+    # after it (n0 >= c: plain softmax; n0 = the first row's position + 1: the causal mask)
+    r, c = scores.shape
+    for i in prange(r):
+        n = min(c, n0 + i)
+        mx = np.float32(-np.inf)
+        for j in range(n):
+            scores[i, j] *= scale
+            mx = max(mx, scores[i, j])
+        exp_normalize(scores[i], n, mx)
+        for j in range(n, c):
+            scores[i, j] = 0.0
 
 
 @njit(cache=True, parallel=True, fastmath=True)

@@ -5,24 +5,7 @@ Attention products go through BLAS in row chunks (see CPUBackend.attention), so 
 import numpy as np
 from numba import njit, prange
 
-from dsocr.quant.bits import bits_f32
-
-
-@njit(cache=True, inline="always", fastmath=True)
-def exp_f32(x):
-    """e**x in plain float32 arithmetic that LLVM vectorises (numba's exp is a scalar libm call
-    without SVML): Cephes' expf, 2**n * p(r) with |r| <= ln2/2, within 2 ulp of libm."""
-    x = min(max(x, np.float32(-87.0)), np.float32(88.0))
-    n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
-    r = x - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    p = p * r * r + r + np.float32(1.0)
-    return p * bits_f32((np.int32(n) + np.int32(127)) << np.int32(23))
+from dsocr.runtime.cpu.ops import exp_normalize
 
 
 @njit(cache=True, parallel=True)
@@ -73,25 +56,6 @@ def window_unpartition(win, ws, out):
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def softmax_scaled(scores, scale):
-    # scores [r, n] in place: softmax(scores * scale) per row
-    r, n = scores.shape
-    for i in prange(r):
-        mx = np.float32(-np.inf)
-        for j in range(n):
-            scores[i, j] *= scale
-            mx = max(mx, scores[i, j])
-        s = np.float32(0.0)
-        for j in range(n):
-            e = exp_f32(scores[i, j] - mx)
-            scores[i, j] = e
-            s += e
-        inv = np.float32(1.0) / s
-        for j in range(n):
-            scores[i, j] *= inv
-
-
-@njit(cache=True, parallel=True, fastmath=True)
 def softmax_relpos(scores, q, row0, Rh, Rw, H, W, scale):
     # scores [r, H*W] in place for query rows row0..row0+r-1 of one head (q [r, d], unscaled):
     # softmax(scores*scale + q.Rh[hq, kh] + q.Rw[wq, kw])  - SAM's decomposed relative positions
@@ -118,11 +82,4 @@ def softmax_relpos(scores, q, row0, Rh, Rw, H, W, scale):
                 v = scores[i, kh * W + kw] * scale + rel_h[kh] + rel_w[kw]
                 scores[i, kh * W + kw] = v
                 mx = max(mx, v)
-        s = np.float32(0.0)
-        for j in range(n):
-            e = exp_f32(scores[i, j] - mx)
-            scores[i, j] = e
-            s += e
-        inv = np.float32(1.0) / s
-        for j in range(n):
-            scores[i, j] *= inv
+        exp_normalize(scores[i], n, mx)
