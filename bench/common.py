@@ -3,8 +3,12 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = REPO / "models" / "bench"
 
 
 def run_worker(script: str, args: list[str]) -> tuple[dict, float]:
@@ -43,3 +47,10 @@ def device_gemm_baseline(products, peak_gflops: float) -> dict:
     """The sgemm_baseline dict for a GPU: these products' flops at the measured device GEMM peak."""
     flops = sum(2.0 * m * k * n * count for m, k, n, count in products)
     return {"sgemm_s": flops / (peak_gflops * 1e9), "flops": flops, "sgemm_gflops": peak_gflops}
+
+
+def random_model(models: str | Path, lm_type: str, mmproj_type: str = "f16", which=("lm",)) -> dict[str, Path]:
+    """Full-size random-weight GGUF files of these types under `models`, written once and reused."""
+    from dsocr.convert.synthetic import write_random_gguf_pair
+    return write_random_gguf_pair(Path(models), lm_type, mmproj_type, REPO / "tests/fixtures/real-config",
+                                  REPO / "tests/fixtures/tiny-dsocr", which=which, progress=sys.stderr.isatty())

@@ -30,9 +30,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_gemm_baseline, run_worker, sgemm_baseline  # noqa: E402
+from common import MODELS, device_gemm_baseline, random_model, run_worker, sgemm_baseline  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPT, DECODE, WARM = 300, 32, 8
 
 
@@ -127,17 +126,14 @@ def worker(path: str, device: str) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--types", default="q8_0,q4_k_m,f16")
-    ap.add_argument("--models", default=str(REPO / "models" / "bench"))
+    ap.add_argument("--models", default=str(MODELS))
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(*args.worker)
-    from dsocr.convert.synthetic import write_random_gguf_pair
-    real, tiny = REPO / "tests/fixtures/real-config", REPO / "tests/fixtures/tiny-dsocr"
-    files = {t: write_random_gguf_pair(Path(args.models), t, "f16", real, tiny, which=("lm",),
-                                     progress=sys.stderr.isatty())["lm"] for t in args.types.split(",")}
+    files = {t: random_model(args.models, t)["lm"] for t in args.types.split(",")}
     if args.device == "cuda":
         import cuda_baselines
         bw = {"copy_kernel_gb_s": cuda_baselines.copy_bandwidth()}

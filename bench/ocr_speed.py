@@ -21,9 +21,8 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_gemm_baseline, run_worker, sgemm_baseline  # noqa: E402
+from common import MODELS, device_gemm_baseline, random_model, run_worker, sgemm_baseline  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 DECODE = 32
 
 
@@ -82,21 +81,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="base:q8_0:f16,gundam:q8_0:f16,gundam:q8_0:q8_0,gundam:q4_k_m:q8_0",
                     help="mode:lm_type:mmproj_type, comma separated")
-    ap.add_argument("--models", default=str(REPO / "models" / "bench"))
+    ap.add_argument("--models", default=str(MODELS))
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(*args.worker)
-    from dsocr.convert.synthetic import write_random_gguf_pair
-    real, tiny = REPO / "tests/fixtures/real-config", REPO / "tests/fixtures/tiny-dsocr"
     rows = [r.split(":") for r in args.rows.split(",")]
-    quiet = not sys.stderr.isatty()
-    paths = {}
-    for mode, lt, mt in rows:
-        paths[(lt, mt)] = (write_random_gguf_pair(Path(args.models), lt, mt, real, tiny, which=("lm",), progress=not quiet)["lm"],
-                           write_random_gguf_pair(Path(args.models), lt, mt, real, tiny, which=("mmproj",), progress=not quiet)["mmproj"])
+    paths = {(lt, mt): random_model(args.models, lt, mt, which=("lm", "mmproj")) for _, lt, mt in rows}
     if args.device == "cuda":
         import cuda_baselines
         peak = cuda_baselines.sgemm_peak()
@@ -105,7 +98,7 @@ def main():
         baselines = {mode: sgemm_baseline(page_products(mode)) for mode in {r[0] for r in rows}}
     results = []
     for mode, lt, mt in rows:
-        lm, mm = paths[(lt, mt)]
+        lm, mm = paths[(lt, mt)]["lm"], paths[(lt, mt)]["mmproj"]
         m, rss = run_worker(__file__, [mode, str(lm), str(mm), args.device])
         b = baselines[mode]
         results.append({"mode": mode, "lm": lt, "mmproj": mt, "vision_s": round(m["vision_s"], 2),

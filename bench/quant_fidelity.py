@@ -24,9 +24,8 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_worker  # noqa: E402
+from common import MODELS, random_model, run_worker  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPT = 128
 
 
@@ -59,20 +58,17 @@ def compare(ref: np.ndarray, q: np.ndarray) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--types", default="q8_0,q6_k,q4_k,q4_k_m")
-    ap.add_argument("--models", default=str(REPO / "models" / "bench"))
+    ap.add_argument("--models", default=str(MODELS))
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(*args.worker)
-    from dsocr.convert.synthetic import write_random_gguf_pair
-    real, tiny = REPO / "tests/fixtures/real-config", REPO / "tests/fixtures/tiny-dsocr"
     types = ["f32"] + args.types.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         logits = {}
         for t in types:
-            path = write_random_gguf_pair(Path(args.models), t, "f16", real, tiny, which=("lm",),
-                                          progress=sys.stderr.isatty())["lm"]
+            path = random_model(args.models, t)["lm"]
             out = str(Path(tmp) / f"{t}.npy")
             run_worker(__file__, [str(path), out])
             logits[t] = np.load(out)

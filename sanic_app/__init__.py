@@ -171,6 +171,21 @@ def create_app(engine: OcrEngine, settings: dict, name: str = "dsocr") -> Sanic:
         log.error("generation failed: %s", e)
         return APIError(500, f"generation failed ({type(e).__name__})", None, "internal_error")
 
+    async def collect(job: Job, stop: StopFilter | None):
+        """The whole text and the result of a non-streamed job; engine errors become API errors."""
+        text, result = "", None
+        try:
+            async for kind, value in events(job, stop):
+                if kind == "delta":
+                    text += value
+                else:
+                    result = value
+        except Exception as e:
+            raise engine_error(e) from None
+        finally:
+            job.cancelled.set()
+        return text, result
+
     @app.post("/v1/chat/completions")
     async def chat(request):
         parsed = parse_chat(body_of(request), inf)
@@ -178,17 +193,7 @@ def create_app(engine: OcrEngine, settings: dict, name: str = "dsocr") -> Sanic:
         job = await make_job(request, parsed, rid)
         stop = StopFilter(parsed.stop) if parsed.stop else None
         if not parsed.stream:
-            text, result = "", None
-            try:
-                async for kind, value in events(job, stop):
-                    if kind == "delta":
-                        text += value
-                    else:
-                        result = value
-            except Exception as e:
-                raise engine_error(e) from None
-            finally:
-                job.cancelled.set()
+            text, result = await collect(job, stop)
             n = len(result.token_ids)
             log_job(job, "chat", "ok", n)
             return response.json(chat_completion(rid, model_id, text, finish_reason(result, stop),
@@ -236,17 +241,7 @@ def create_app(engine: OcrEngine, settings: dict, name: str = "dsocr") -> Sanic:
                                    usage_responses(result.prompt_tokens, len(result.token_ids)), parsed, created)
 
         if not parsed.stream:
-            text, result = "", None
-            try:
-                async for kind, value in events(job, None):
-                    if kind == "delta":
-                        text += value
-                    else:
-                        result = value
-            except Exception as e:
-                raise engine_error(e) from None
-            finally:
-                job.cancelled.set()
+            text, result = await collect(job, None)
             log_job(job, "responses", "ok", len(result.token_ids))
             return response.json(final(text, result))
         resp = await request.respond(content_type="text/event-stream", headers=SSE_HEADERS)
