@@ -40,7 +40,7 @@ class CUDABackend:
             available = False
         if not available:
             raise ModelError("--device cuda: no usable NVIDIA GPU or CUDA driver was found "
-                             "(install the driver and `pip install dsocr[cuda]`, or use --device cpu)")
+                             "(install the driver and `pip install -e '.[cuda]'` in the dsocr checkout, or use --device cpu)")
         from dsocr.runtime.cuda import kernels as K
         self.cuda, self.K = cuda, K
         self.simulated = bool(config.ENABLE_CUDASIM)
