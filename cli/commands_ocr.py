@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from dsocr.runtime.engine import DEFAULT_PROMPT
+from dsocr.runtime.errors import InputError
 
 
 def _bool(v: str) -> bool:
@@ -27,15 +30,15 @@ def add_inference_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crop-mode", type=_bool, metavar="true|false")
     g.add_argument("--max-pixels", type=int, help="refuse larger images (decompression-bomb guard)")
     g = p.add_argument_group("decoding")
-    g.add_argument("--max-new-tokens", type=int)
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--max-new-tokens", type=int, help="at least 1")
+    g.add_argument("--temperature", type=float, help=">= 0; 0 is greedy")
+    g.add_argument("--top-p", type=float, help="0 to 1; 0 is greedy (only the likeliest token)")
+    g.add_argument("--top-k", type=int, help=">= 0; 0 keeps every token")
+    g.add_argument("--seed", type=int, help="sampling seed (< 0: random)")
     g.add_argument("--no-repeat-ngram-size", type=int, help="windowed n-gram blocking size (0 disables)")
-    g.add_argument("--ngram-window", type=int)
+    g.add_argument("--ngram-window", type=int, help=">= 0")
     g = p.add_argument_group("runtime")
-    g.add_argument("--threads", type=int, help="CPU threads (default: all cores; also DSOCR_THREADS)")
+    g.add_argument("--threads", type=int, help="CPU threads, at least 1 (default: all cores; also DSOCR_THREADS)")
     g.add_argument("--device", choices=["cpu", "cuda"])
     g.add_argument("--model", help="language-model GGUF, or a folder holding the pair")
     g.add_argument("--mmproj", help="vision GGUF (default: the mmproj-*.gguf beside the model)")
@@ -63,26 +66,77 @@ def cli_overrides(args) -> dict:
     return {"inference": inf, "models": {"model": getattr(args, "model", None), "mmproj": getattr(args, "mmproj", None)}}
 
 
-def view_config(inf: dict):
+def setting_name(args, settings, key: str) -> str:
+    """Where inference.<key> came from, for error messages: its flag, its DSOCR_* variable or the config file."""
+    from dsocr.cli.config import ENV
+    if getattr(args, key, None) is not None:
+        return "--" + key.replace("_", "-")
+    env = [v for v, (section, k, _) in ENV.items() if (section, k) == ("inference", key) and os.environ.get(v)]
+    return env[0] if env else f"inference.{key} in {settings.path}"
+
+
+def _number(inf: dict, key: str, typ, name):
+    try:
+        return typ(inf[key])
+    except (TypeError, ValueError):
+        raise InputError(f"{name(key)} must be a number, not {inf[key]!r}") from None
+
+
+def view_config(inf: dict, name=lambda key: key):
     from dsocr.runtime.preprocess import ViewConfig
     cfg = ViewConfig.from_mode(inf["mode"])
     if inf.get("base_size"):
-        cfg.base_size = int(inf["base_size"])
+        cfg.base_size = _number(inf, "base_size", int, name)
     if inf.get("image_size"):
-        cfg.image_size = int(inf["image_size"])
+        cfg.image_size = _number(inf, "image_size", int, name)
     if inf.get("crop_mode") not in ("", None):
         cfg.crop_mode = inf["crop_mode"] if isinstance(inf["crop_mode"], bool) else _bool(str(inf["crop_mode"]))
     cfg.validate()
     return cfg
 
 
-def sampling_params(inf: dict):
+def sampling_params(inf: dict, name=lambda key: key):
+    """Decoding parameters from the merged settings, range-checked by SamplingParams.validate."""
     from dsocr.runtime.generate import SamplingParams
-    n = int(inf["no_repeat_ngram_size"])
-    return SamplingParams(max_new_tokens=int(inf["max_new_tokens"]), temperature=float(inf["temperature"]),
-                          top_p=float(inf["top_p"]), top_k=int(inf["top_k"]),
-                          seed=None if int(inf["seed"]) < 0 else int(inf["seed"]), no_repeat_ngram_size=n,
-                          ngram_window=int(inf["ngram_window"]), ngram_mode="window" if n > 0 else "off")
+    n = _number(inf, "no_repeat_ngram_size", int, name)
+    seed = _number(inf, "seed", int, name)
+    params = SamplingParams(max_new_tokens=_number(inf, "max_new_tokens", int, name),
+                            temperature=_number(inf, "temperature", float, name),
+                            top_p=_number(inf, "top_p", float, name), top_k=_number(inf, "top_k", int, name),
+                            seed=None if seed < 0 else seed, no_repeat_ngram_size=n,
+                            ngram_window=_number(inf, "ngram_window", int, name), ngram_mode="window" if n > 0 else "off")
+    params.validate(name)
+    return params
+
+
+def thread_count(args, inf: dict, name) -> int | None:
+    """None: all cores. On the command line --threads is at least 1 (leave it out for all cores); in the
+    config and DSOCR_THREADS 0 means all cores."""
+    threads = _number(inf, "threads", int, name)
+    least = 1 if args.threads is not None else 0
+    if threads < least:
+        raise InputError(f"{name('threads')} must be at least {least}, not {threads}")
+    return threads or None
+
+
+def checked_inference(args, settings):
+    """(view config, sampling params, threads) from flags, environment and config, every range checked
+    before any work; an error names the flag (or variable, or config key) the bad value came from."""
+    inf = settings["inference"]
+
+    def name(key):
+        return setting_name(args, settings, key)
+    return view_config(inf, name), sampling_params(inf, name), thread_count(args, inf, name)
+
+
+def writable_dir(path: Path) -> Path:
+    """Creates `path` and writes a scratch file there, so a bad --output-dir is refused before inference."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise InputError(f"--output-dir {path}: cannot write there ({e.strerror or e})") from None
+    return path
 
 
 def resolve_model(settings, progress: bool = True) -> tuple[Path, Path | None]:
@@ -138,7 +192,6 @@ class VisionProgress:
 
 def expand_inputs(paths: list[str], pages: str | None, max_pixels: int):
     """[(label, [PIL images])]: image files go together in one request, a PDF gives one per page."""
-    from dsocr.runtime.errors import InputError
     from dsocr.runtime.pdf import is_pdf, render_pages
     from dsocr.runtime.preprocess import read_image_file
     if not paths:
@@ -159,14 +212,13 @@ def expand_inputs(paths: list[str], pages: str | None, max_pixels: int):
 def cmd_ocr(args) -> int:
     from dsocr.cli.config import ConfigError, load_settings
     from dsocr.runtime.engine import OcrEngine, OcrRequest
-    from dsocr.runtime.errors import InputError
     from dsocr.runtime.generate import GenerationResult
     try:
         settings = load_settings(args.config, cli_overrides(args))
     except ConfigError as e:
         raise InputError(str(e)) from None
     inf = settings["inference"]
-    view, sampling = view_config(inf), sampling_params(inf)
+    view, sampling, threads = checked_inference(args, settings)
     prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
     if args.prompt_file:
         try:
@@ -174,10 +226,10 @@ def cmd_ocr(args) -> int:
         except (OSError, UnicodeDecodeError) as e:
             raise InputError(f"{args.prompt_file}: cannot read the prompt ({e})") from None
     docs, paged = expand_inputs(list(args.inputs) + list(args.image), args.pages, int(inf["max_pixels"]))
+    outdir = writable_dir(Path(args.output_dir)) if args.output_dir else None
     lm, mm = resolve_model(settings)
-    engine = OcrEngine(lm, mm, device=inf["device"], threads=int(inf["threads"]) or None)
+    engine = OcrEngine(lm, mm, device=inf["device"], threads=threads)
     results = []
-    outdir = Path(args.output_dir) if args.output_dir else None
     for i, (label, images) in enumerate(docs):
         if paged and not args.json:
             print(("\n\n" if i else "") + f"<!-- {label} -->\n", end="", flush=True)

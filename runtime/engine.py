@@ -18,7 +18,8 @@ from dsocr.runtime.errors import InputError, ModelError
 from dsocr.runtime.generate import GenerationResult, SamplingParams, generate
 from dsocr.runtime.gguf_file import GGUFFile
 from dsocr.runtime.language import LanguageModel
-from dsocr.runtime.preprocess import ViewConfig, build_prompt_ids, prepare_image
+from dsocr.runtime.preprocess import (ViewConfig, build_prompt_ids, image_token_count, layout_prompt_ids,
+                                      prepare_image, view_grid)
 from dsocr.runtime.tokenizer import TextTokenizer
 from dsocr.runtime.vision import VisionModel
 
@@ -99,9 +100,26 @@ class OcrEngine:
         self.tokenizer = TextTokenizer.from_gguf(lm_file)
         self.image_id = self.tokenizer.token_id(IMAGE_TOKEN)
 
+    def check_context(self, prompt: str, image_sizes: list[tuple[int, int]], view: ViewConfig) -> int:
+        """The prompt's token count, each <image> expanded to what an image of that (width, height) takes
+        under `view`; refuses a prompt that leaves no room for one new token. Only the text is tokenized,
+        so this is cheap enough to run before any pixel work."""
+        view.validate()
+        prompt = normalize_prompt(prompt, len(image_sizes))
+        counts = [image_token_count(view, view_grid(w, h, view)) for w, h in image_sizes]
+        n = len(layout_prompt_ids(self.tokenizer, prompt, counts, IMAGE_TOKEN)[0])
+        n_ctx = self.lm.p.n_ctx_train
+        if n + 1 > n_ctx:
+            raise InputError(f"the prompt is {n} tokens; the model's context is {n_ctx} "
+                             f"(the prompt and at least one new token must fit)")
+        return n
+
     def prepare(self, req: OcrRequest, timings: dict, progress=None) -> tuple[np.ndarray, list[int]]:
-        """Prompt ids and input embeddings (image rows in place)."""
+        """Prompt ids and input embeddings (image rows in place). Bad parameters and a prompt over the
+        context are refused before any vision work."""
         t0 = time.perf_counter()
+        req.sampling.validate()
+        self.check_context(req.prompt, [img.size for img in req.images], req.view)
         prompt = normalize_prompt(req.prompt, len(req.images))
         prepared = [prepare_image(img, req.view) for img in req.images]
         ids, is_image = build_prompt_ids(self.tokenizer, prompt, prepared, IMAGE_TOKEN)

@@ -1,7 +1,7 @@
 """Decoding: prefill the prompt, then one token at a time with the KV cache.
 
-Greedy by default; temperature / top-k / top-p sampling with a seed. Loops are blocked by a
-no-repeat n-gram rule, in two variants:
+Greedy by default (temperature 0, or top_p 0); temperature / top-k / top-p sampling with a seed.
+Loops are blocked by a no-repeat n-gram rule, in two variants:
 * "window" (default): DeepSeek-OCR's official vLLM recipe - over the last `ngram_window`
   generated tokens, a token that would repeat an n-gram of size `no_repeat_ngram_size` is
   banned unless whitelisted (`<td>`, `</td>`: tables repeat legitimately);
@@ -11,13 +11,29 @@ character and never re-decoding the whole output.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 
+from dsocr.runtime.errors import InputError
 from dsocr.runtime.tokenizer import TextTokenizer
+
+NGRAM_MODES = ("window", "context", "off")
+
+# the values decoding accepts, per field: (test, the rule in words); NaN fails every comparison
+SAMPLING_RANGES = {
+    "max_new_tokens": (lambda v: v >= 1, "at least 1"),
+    "temperature": (lambda v: 0 <= v < math.inf, "a finite number >= 0 (0: greedy)"),
+    "top_p": (lambda v: 0 <= v <= 1, "between 0 and 1 (0: greedy)"),
+    "top_k": (lambda v: v >= 0, "at least 0 (0: no top-k cut)"),
+    "seed": (lambda v: v is None or v >= 0, "at least 0"),
+    "no_repeat_ngram_size": (lambda v: v >= 0, "at least 0 (0: no n-gram blocking)"),
+    "ngram_window": (lambda v: v >= 0, "at least 0"),
+    "ngram_mode": (lambda v: v in NGRAM_MODES, " or ".join(NGRAM_MODES)),
+}
 
 
 @dataclass
@@ -31,6 +47,19 @@ class SamplingParams:
     ngram_window: int = 90
     ngram_mode: str = "window"           # "window" | "context" | "off"
     ngram_whitelist: tuple[str, ...] = ("<td>", "</td>")
+
+    def validate(self, name=lambda field: field) -> None:
+        """Refuses a value outside SAMPLING_RANGES with InputError; `name(field)` is how the caller spells
+        the field in the message (e.g. the command-line flag)."""
+        for f, (ok, rule) in SAMPLING_RANGES.items():
+            v = getattr(self, f)
+            if not ok(v):
+                raise InputError(f"{name(f)} must be {rule}, not {v!r}")
+
+    @property
+    def greedy(self) -> bool:
+        """top_p 0 keeps only the likeliest token, as temperature 0 does."""
+        return self.temperature <= 0 or self.top_p <= 0
 
 
 @dataclass
@@ -100,13 +129,13 @@ class Sampler:
         for t in self.banned(generated):
             if t < logits.size:
                 logits[t] = -np.inf
-        if self.p.temperature <= 0:
+        if self.p.greedy:
             return int(np.argmax(logits))
-        z = logits / self.p.temperature
+        z = (logits - logits.max()) / self.p.temperature     # shifted first: a tiny temperature cannot overflow
         if self.p.top_k > 0 and self.p.top_k < z.size:
             kth = np.partition(z, -self.p.top_k)[-self.p.top_k]
             z[z < kth] = -np.inf
-        probs = np.exp(z - z.max())
+        probs = np.exp(z)
         probs /= probs.sum()
         if self.p.top_p < 1.0:
             order = np.argsort(-probs, kind="stable")

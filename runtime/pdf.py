@@ -45,11 +45,14 @@ def parse_pages(spec: str | None, n_pages: int) -> list[int]:
     return pages
 
 
-def page_count(path: str | Path) -> int:
+def open_pdf(path: str | Path):
     import pypdfium2 as pdfium
     try:
-        return len(pdfium.PdfDocument(str(path)))
+        return pdfium.PdfDocument(str(path))
     except pdfium.PdfiumError as e:
+        # PDFium refuses a document with an empty page tree without naming an error ("PDFium: Success")
+        if e.err_code == pdfium.raw.FPDF_ERR_SUCCESS:
+            raise InputError(f"{path}: the PDF has no pages") from None
         raise InputError(f"{path}: not a readable PDF ({e})") from None
 
 
@@ -57,14 +60,14 @@ def render_pages(path: str | Path, spec: str | None = None, max_pixels: int = 64
                  ) -> Iterator[tuple[int, Image.Image]]:
     """(page number, RGB image) for the selected pages, in order."""
     import pypdfium2 as pdfium
-    try:
-        doc = pdfium.PdfDocument(str(path))
-    except pdfium.PdfiumError as e:
-        raise InputError(f"{path}: not a readable PDF ({e})") from None
+    doc = open_pdf(path)
     try:
         for i in parse_pages(spec, len(doc)):
-            page = doc[i]
-            w, h = page.get_size()
+            try:
+                page = doc[i]
+                w, h = page.get_size()
+            except pdfium.PdfiumError as e:   # a page tree that lists pages it does not hold
+                raise InputError(f"{path}: page {i + 1} is not readable ({e})") from None
             if (w * DPI / 72) * (h * DPI / 72) > max_pixels:
                 raise InputError(f"{path}: page {i + 1} renders over the {max_pixels:,}-pixel limit")
             yield i + 1, page.render(scale=DPI / 72).to_pil().convert("RGB")

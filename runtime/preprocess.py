@@ -23,6 +23,9 @@ from dsocr.runtime.errors import InputError
 TILE = 640
 PAD_COLOR = (127, 127, 127)          # tuple(int(0.5 * 255) for _ in range(3))
 DEFAULT_MAX_PIXELS = 64_000_000
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")   # 16-bit PNG/TIFF/PGM samples (I: 32-bit signed)
+# the raster formats Pillow may decode; others (EPS and PDF through Ghostscript, fonts, ...) are refused
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "TIFF", "BMP", "PPM", "JPEG2000")
 
 MODES = {                            # name: (base_size, image_size, crop_mode)
     "tiny": (512, 512, False),
@@ -72,14 +75,16 @@ def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS, label: str | None =
     else:
         name = label or getattr(source, "name", source)
         try:
-            img = Image.open(source)
+            img = Image.open(source, formats=IMAGE_FORMATS)
             w, h = img.size
             if w * h > max_pixels:
                 raise InputError(f"{name}: {w}x{h} is over the {max_pixels:,}-pixel limit (raise --max-pixels to allow it)")
             img.load()
         except InputError:
             raise
-        except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        except Image.DecompressionBombError as e:   # Pillow's own limit, above any --max-pixels
+            raise InputError(f"{name}: {e}") from None
+        except UnidentifiedImageError as e:
             raise InputError(f"{name}: not a readable image ({type(e).__name__})") from None
         except FileNotFoundError:
             raise InputError(f"{name}: no such file") from None
@@ -93,6 +98,23 @@ def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS, label: str | None =
         img = ImageOps.exif_transpose(img)
     except Exception:  # a broken EXIF block: keep the pixels, as the reference does
         pass
+    try:
+        return to_rgb(img)
+    except ValueError as e:     # a mode Pillow reads but cannot convert (e.g. La)
+        raise InputError(f"image mode {img.mode} is not supported ({e})") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode Pillow opens -> 8-bit RGB. convert("RGB") alone clips 16-bit samples (a 16-bit gray
+    page turns white) and drops alpha (a transparent page's hidden colour, often black, shows), so:
+    16-bit samples are scaled to 8 bits, float samples read as 0..1 when they fit there (else 0..255,
+    as convert() takes them), and transparency is flattened onto white."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        img = img.convert("I").point(lambda v: v / 257)
+    elif img.mode == "F" and img.getextrema()[1] <= 1.0:
+        img = img.point(lambda v: v * 255)
+    if img.has_transparency_data:
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
     return img.convert("RGB")
 
 
@@ -113,6 +135,13 @@ def choose_grid(width: int, height: int, tile: int = TILE) -> tuple[int, int]:
         elif diff == best_diff and width * height > 0.5 * tile * tile * w * h:
             best = (w, h)
     return best
+
+
+def view_grid(width: int, height: int, cfg: ViewConfig) -> tuple[int, int]:
+    """The (w_crops, h_crops) tile grid prepare_image cuts; (1, 1) is the global view alone."""
+    if cfg.crop_mode and (width > TILE or height > TILE):
+        return choose_grid(width, height)
+    return (1, 1)
 
 
 def normalize(img: Image.Image) -> np.ndarray:
@@ -143,18 +172,15 @@ def image_token_count(cfg: ViewConfig, grid: tuple[int, int]) -> int:
 def prepare_image(img: Image.Image, cfg: ViewConfig) -> PreparedImage:
     cfg.validate()
     size = img.size
+    grid, tiles = view_grid(img.width, img.height, cfg), []
     if cfg.crop_mode:
-        grid = (1, 1)
-        tiles = []
-        if img.width > TILE or img.height > TILE:
-            grid = choose_grid(img.width, img.height)
+        if grid != (1, 1):
             resized = img.resize((TILE * grid[0], TILE * grid[1]))
             for k in range(grid[0] * grid[1]):
                 x, y = (k % grid[0]) * TILE, (k // grid[0]) * TILE
                 tiles.append(normalize(resized.crop((x, y, x + TILE, y + TILE))))
         global_view = normalize(ImageOps.pad(img, (cfg.base_size, cfg.base_size), color=PAD_COLOR))
     else:
-        grid, tiles = (1, 1), []
         if cfg.image_size <= TILE:
             img = img.resize((cfg.image_size, cfg.image_size))
         global_view = normalize(ImageOps.pad(img, (cfg.image_size, cfg.image_size), color=PAD_COLOR))
@@ -164,18 +190,24 @@ def prepare_image(img: Image.Image, cfg: ViewConfig) -> PreparedImage:
 def build_prompt_ids(tokenizer, prompt: str, images: list[PreparedImage], image_token: str = "<image>") -> tuple[list[int], np.ndarray]:
     """bos + text pieces around `<image>` markers, each marker expanded to its image's token count.
     Returns (ids, is_image_position). The prompt is stripped, as the `plain` template does."""
+    return layout_prompt_ids(tokenizer, prompt, [img.n_tokens for img in images], image_token)
+
+
+def layout_prompt_ids(tokenizer, prompt: str, image_tokens: list[int], image_token: str = "<image>"
+                      ) -> tuple[list[int], np.ndarray]:
+    """build_prompt_ids from the images' token counts alone (what the context check needs)."""
     pieces = prompt.strip().split(image_token)
-    if len(pieces) - 1 != len(images):
-        raise InputError(f"the prompt has {len(pieces) - 1} {image_token} marker(s) for {len(images)} image(s)")
+    if len(pieces) - 1 != len(image_tokens):
+        raise InputError(f"the prompt has {len(pieces) - 1} {image_token} marker(s) for {len(image_tokens)} image(s)")
     image_id = tokenizer.token_id(image_token)
     ids, mask = [tokenizer.bos_id], [False]
     for i, piece in enumerate(pieces):
         t = tokenizer.encode(piece)
         ids += t
         mask += [False] * len(t)
-        if i < len(images):
-            ids += [image_id] * images[i].n_tokens
-            mask += [True] * images[i].n_tokens
+        if i < len(image_tokens):
+            ids += [image_id] * image_tokens[i]
+            mask += [True] * image_tokens[i]
     return ids, np.array(mask)
 
 
