@@ -83,32 +83,6 @@ def banned_ngram_tokens(history: list[int], n: int, start: int) -> set[int]:
     return banned
 
 
-class Utf8Stream:
-    """Joins token bytes and releases only complete UTF-8 characters."""
-
-    def __init__(self):
-        self.pending = b""
-
-    def push(self, data: bytes) -> str:
-        self.pending += data
-        cut = len(self.pending)
-        # keep back an incomplete trailing sequence (at most 3 bytes of a 4-byte character)
-        for back in range(1, min(4, len(self.pending)) + 1):
-            b = self.pending[-back]
-            if b & 0xC0 == 0x80:            # continuation byte: look further back
-                continue
-            need = 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4 if b & 0xF8 == 0xF0 else 1
-            if need > back:
-                cut = len(self.pending) - back
-            break
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out.decode("utf-8", errors="replace")
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, b""
-        return out.decode("utf-8", errors="replace")
-
-
 class Sampler:
     def __init__(self, params: SamplingParams, tokenizer: TextTokenizer, prompt_ids: list[int]):
         self.p = params
@@ -156,7 +130,7 @@ def generate(lm, tokenizer: TextTokenizer, prompt_embeds, prompt_ids: list[int],
     budget = max(0, min(params.max_new_tokens, n_ctx - len(prompt_ids)))
     cache = lm.new_cache(n_ctx)
     sampler = Sampler(params, tokenizer, prompt_ids)
-    stream = Utf8Stream()
+    stream = tokenizer.text_stream()
     t0 = time.perf_counter()
     logits = lm.be.to_host(lm.forward(prompt_embeds, 0, cache))[-1] if budget else None
     t1 = time.perf_counter()
@@ -171,7 +145,7 @@ def generate(lm, tokenizer: TextTokenizer, prompt_embeds, prompt_ids: list[int],
             result.finish_reason = "stop"
             break
         result.token_ids.append(tok)
-        delta = stream.push(tokenizer.token_bytes(tok))
+        delta = stream.push(tok)
         if delta:
             result.text += delta
             yield delta

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from gguf import TokenType
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers.decoders import DecodeStream
 
 from dsocr.runtime.errors import ModelError
 from dsocr.runtime.gguf_file import GGUFFile
@@ -85,36 +86,31 @@ class TextTokenizer:
             raise ModelError(f"the tokenizer has no token {token!r}")
         return i
 
-    def token_bytes(self, i: int) -> bytes:
-        """The bytes one token stands for (for incremental UTF-8-safe detokenization)."""
-        return self.decode([i]).encode("utf-8", "surrogatepass") if self._is_added(i) else self._bytes_of(i)
-
-    def _is_added(self, i: int) -> bool:
-        return i in self._added_ids
-
-    def __post_init__(self):
-        self._added_ids = set(self.tok.get_added_tokens_decoder())
-        self._byte_decoder = {c: b for b, c in _bytes_to_unicode().items()}
-
-    def _bytes_of(self, i: int) -> bytes:
-        piece = self.tok.id_to_token(i)
-        if piece is None:
-            return b""
-        return bytes(self._byte_decoder.get(ch, 0x3F) for ch in piece)
+    def text_stream(self) -> TextStream:
+        return TextStream(self)
 
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte <-> printable-character table used by byte-level BPE."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+class TextStream:
+    """Generated ids -> text deltas that never split a UTF-8 character (tokenizers' DecodeStream
+    holds back bytes that do not decode yet). flush() releases what a held-back tail decodes to
+    (U+FFFD for an incomplete character), so the deltas always add up to decode(ids)."""
+
+    def __init__(self, tokenizer: TextTokenizer):
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+        self._stream = DecodeStream(skip_special_tokens=False)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        delta = self._stream.step(self.tokenizer.tok, token_id) or ""
+        self.text += delta
+        return delta
+
+    def flush(self) -> str:
+        full = self.tokenizer.decode(self.ids)
+        tail = full[len(self.text):] if full.startswith(self.text) else ""
+        self.text += tail
+        return tail
