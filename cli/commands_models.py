@@ -67,18 +67,14 @@ _SUMMARIZED = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.
 
 
 def describe_gguf(path: Path) -> dict:
-    import gguf
-    from dsocr.convert import ConvertError
-    try:
-        reader = gguf.GGUFReader(path)
-    except (OSError, ValueError) as e:
-        raise ConvertError(f"{path}: not a readable GGUF file ({e})") from None
+    from dsocr.runtime.gguf_file import open_gguf
+    reader = open_gguf(path)
     metadata = {}
     for key, f in reader.fields.items():
         if key.startswith("GGUF."):
             continue
         value = f.contents()
-        if key in _SUMMARIZED:
+        if key in _SUMMARIZED and isinstance(value, (list, str)):
             value = f"<{len(value)} {'entries' if isinstance(value, list) else 'chars'}>"
         metadata[key] = value
     tensors = [{"name": t.name, "type": t.tensor_type.name, "shape": [int(d) for d in t.shape],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections import Counter
 from dsocr.cli import commands_models, commands_ocr, commands_serve
@@ -14,6 +15,19 @@ EXIT_ERROR = 1
 
 class CliError(Exception):
     """Bad input found by the command line itself."""
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP, raised where the command is so its cleanup (e.g. of .part files) runs,
+    as for Ctrl-C. A BaseException for the same reason KeyboardInterrupt is one."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signum)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -38,11 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Sanic shuts the server down on SIGTERM itself.
+    previous = {} if args.command == "serve" else \
+        {signum: signal.signal(signum, _raise_stopped) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return args.run(args) or 0
     except KeyboardInterrupt:
         print("dsocr: interrupted", file=sys.stderr)
         return 130
+    except Stopped as e:
+        print(f"dsocr: stopped by {e}", file=sys.stderr)
+        return 128 + e.signum
     except BrokenPipeError:   # e.g. `dsocr info ... | head`: the reader went away, nothing to report
         sys.stdout = open(os.devnull, "w")
         return 0
@@ -52,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
         print(f"dsocr: error: {msg}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def print_table(rows: list[list[str]], file=sys.stdout) -> None:

@@ -14,9 +14,10 @@ from gguf import GGMLQuantizationType as QT
 from dsocr import quant
 from dsocr.convert import deepseek_ocr as dso
 from dsocr.convert.checkpoint import Checkpoint, ConvertError
-from dsocr.convert.gguf_out import OutTensor, WrittenFile, write_gguf
+from dsocr.convert.gguf_out import OutTensor, WrittenFile, discard, publish, write_gguf, write_gguf_part
 from dsocr.convert.hub import DEFAULT_REPO, looks_like_repo_id, pull
 from dsocr.convert.policy import LM_OUTTYPES, MMPROJ_OUTTYPES, OutType, lm_tensor_type, mmproj_tensor_type
+from dsocr.runtime.gguf_file import open_gguf
 
 __all__ = ["convert_checkpoint", "requantize", "pull", "ConvertError", "LM_OUTTYPES", "MMPROJ_OUTTYPES",
            "DEFAULT_REPO", "output_names"]
@@ -52,15 +53,16 @@ def convert_checkpoint(src: str | Path, outdir: str | Path, outtype: str = "q8_0
     lm_plan = dso.plan_lm(ckpt, lm_out)
     mm_plan = dso.plan_mmproj(ckpt, mm_out)
     outdir = Path(outdir).expanduser()
-    lm = write_gguf(outdir / lm_name, dso.LM_ARCH, lm_plan,
-                    lambda w: dso.write_lm_keys(ckpt, w, lm_out, name), progress)
+    # Both files are written as .part before either replaces a file of an earlier pair.
+    lm = write_gguf_part(outdir / lm_name, dso.LM_ARCH, lm_plan,
+                         lambda w: dso.write_lm_keys(ckpt, w, lm_out, name), progress)
     try:
-        mm = write_gguf(outdir / mm_name, dso.MMPROJ_ARCH, mm_plan,
-                        lambda w: dso.write_mmproj_keys(ckpt, w, mm_out, name), progress)
+        mm = write_gguf_part(outdir / mm_name, dso.MMPROJ_ARCH, mm_plan,
+                             lambda w: dso.write_mmproj_keys(ckpt, w, mm_out, name), progress)
     except BaseException:
-        lm.path.unlink(missing_ok=True)   # the pair is written whole or not at all
+        discard([lm])
         raise
-    return [lm, mm]
+    return publish([lm, mm])
 
 
 class GGUFTensorSource:
@@ -82,21 +84,25 @@ class GGUFTensorSource:
 REQUANT_SOURCES = {QT.F32, QT.F16, QT.BF16, QT.Q8_0}
 
 
+def _count_key(reader: gguf.GGUFReader, src: Path, key: str) -> int:
+    f = reader.get_field(key)
+    value = None if f is None else f.contents()
+    if not isinstance(value, int):
+        raise ConvertError(f"{src}: key {key} is {'missing' if f is None else 'not an integer'}")
+    return value
+
+
 def requantize(src: str | Path, dst: str | Path, outtype: str, progress: bool = True) -> WrittenFile:
     """Re-quantize a GGUF of either kind (language model or mmproj) with the conversion rules."""
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise ConvertError("the output must be a different file from the input")
-    try:
-        reader = gguf.GGUFReader(src)
-    except (OSError, ValueError) as e:
-        raise ConvertError(f"{src}: not a readable GGUF file ({e})") from None
+    reader = open_gguf(src)
     arch_field = reader.get_field(gguf.Keys.General.ARCHITECTURE)
     arch = arch_field.contents() if arch_field else None
     if arch == dso.LM_ARCH:
         out = _outtype(outtype, LM_OUTTYPES, "language-model output")
-        n_layer = reader.get_field(f"{arch}.block_count").contents()
-        n_expert = reader.get_field(f"{arch}.expert_count").contents()
+        n_layer, n_expert = (_count_key(reader, src, f"{arch}.{k}") for k in ("block_count", "expert_count"))
         choose = lambda n, s: lm_tensor_type(n, s, out, n_layer, n_expert)
     elif arch == dso.MMPROJ_ARCH:
         out = _outtype(outtype, MMPROJ_OUTTYPES, "mmproj output")

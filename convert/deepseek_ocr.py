@@ -21,6 +21,10 @@ from gguf import GGMLQuantizationType as QT, Keys
 from dsocr.convert.checkpoint import Checkpoint, ConvertError, TensorEntry
 from dsocr.convert.gguf_out import OutTensor
 from dsocr.convert.policy import OutType, lm_tensor_type, mmproj_tensor_type
+from dsocr.runtime.language import LMParams
+from dsocr.runtime.tensor_specs import (Shape, as_number, lm_params_problem, lm_shapes, resolve_widths,
+                                        shape_problem, vision_params_problem, vision_shapes)
+from dsocr.runtime.vision import VisionParams
 
 # Vision settings the reference code hard-codes (the tiny config writes some of them)
 REAL_SAM = dict(width=768, layers=12, heads=12, global_attn_indexes=[2, 5, 8, 11], out_chans=256,
@@ -61,14 +65,66 @@ def vision_hparams(config: dict) -> tuple[dict, dict]:
     return sam, clip
 
 
+def _setting(ckpt: Checkpoint, what: str, value, kind=int):
+    """A config.json value as int or float, else a ConvertError naming it."""
+    try:
+        return as_number(value, kind)
+    except ValueError as e:
+        raise ConvertError(f"{ckpt.folder / 'config.json'}: {what}: {e}") from None
+
+
+def _settings(ckpt: Checkpoint, settings: dict, prefix: str = ""):
+    """get(key, default=None, kind=int) over `settings`; a null counts as absent, as in HF's configs."""
+    def get(key: str, default=None, kind=int):
+        value = settings.get(key)
+        return _setting(ckpt, prefix + key, default if value is None else value, kind)
+    return get
+
+
+def _refuse_problem(ckpt: Checkpoint, problem: str | None) -> None:
+    if problem:
+        raise ConvertError(f"{ckpt.folder / 'config.json'}: {problem}")
+
+
+def lm_params(ckpt: Checkpoint) -> LMParams:
+    """The language settings as the runtime reads them from the GGUF, refused unless they make sense."""
+    hp = lm_hparams(ckpt.config)
+    k = _settings(ckpt, hp)
+    p = LMParams(n_layer=k("num_hidden_layers"), n_embd=k("hidden_size"), n_head=k("num_attention_heads"),
+                 n_head_kv=k("num_key_value_heads", k("num_attention_heads")), n_ff=k("intermediate_size"),
+                 n_dense=k("first_k_dense_replace", 1), n_expert=k("n_routed_experts"),
+                 n_expert_used=k("num_experts_per_tok"), n_ff_exp=k("moe_intermediate_size"),
+                 n_shared=k("n_shared_experts"), vocab_size=k("vocab_size"),
+                 n_ctx_train=k("max_position_embeddings", 8192), eps=k("rms_norm_eps", 1e-6, float),
+                 rope_theta=k("rope_theta", 10000.0, float), expert_scale=k("routed_scaling_factor", 1.0, float),
+                 expert_norm=bool(hp.get("norm_topk_prob")))
+    _refuse_problem(ckpt, lm_params_problem(p, len(ckpt.tensors)))
+    return p
+
+
+def vision_params(ckpt: Checkpoint) -> VisionParams:
+    """The vision settings as the runtime reads them from the mmproj, refused unless they make sense."""
+    sam, clip = vision_hparams(ckpt.config)
+    s, c = _settings(ckpt, sam, "sam_vit_b "), _settings(ckpt, clip, "clip-l-14-224 ")
+    glob = sam["global_attn_indexes"]
+    p = VisionParams(sam_layers=s("layers"), sam_width=s("width"), sam_heads=s("heads"),
+                     sam_global=tuple(_setting(ckpt, "sam_vit_b global_attn_indexes", i)
+                                      for i in (glob if isinstance(glob, list) else [glob])),
+                     window=s("window_size"), sam_patch=s("patch_size"), sam_image=s("image_size"),
+                     clip_layers=c("layers"), clip_width=c("width"), clip_heads=c("heads"), clip_image=c("image_size"),
+                     clip_patch=c("patch_size"), clip_eps=1e-5, sam_eps=1e-6, n_embd=lm_params(ckpt).n_embd)
+    _refuse_problem(ckpt, vision_params_problem(p, len(ckpt.tensors)))
+    return p
+
+
 def _lm_gguf_name(tmap, hf_name: str) -> str | None:
     return tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
 
 
 def plan_lm(ckpt: Checkpoint, out: OutType) -> list[OutTensor]:
     """The language-model tensors; routed experts become one [n_expert, out, in] tensor each."""
-    hp = lm_hparams(ckpt.config)
-    n_layer, n_expert = hp["num_hidden_layers"], hp["n_routed_experts"]
+    params = lm_params(ckpt)
+    n_layer, n_expert = params.n_layer, params.n_expert
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2OCR, n_layer)
     plan: list[OutTensor] = []
     pending: dict[tuple[int, str], dict[int, TensorEntry]] = {}
@@ -106,13 +162,13 @@ def plan_lm(ckpt: Checkpoint, out: OutType) -> list[OutTensor]:
     if pending:
         left = sorted({b for b, _ in pending})
         raise ConvertError(f"routed experts incomplete in layer(s) {left}")
-    _check_complete(plan, _expected_lm_names(hp), "language-model")
+    _check_plan(plan, lm_shapes(params), "language-model")
     return plan
 
 
 def plan_mmproj(ckpt: Checkpoint, out: OutType) -> list[OutTensor]:
-    sam, clip = vision_hparams(ckpt.config)
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, max(sam["layers"], clip["layers"]))
+    p = vision_params(ckpt)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, max(p.sam_layers, p.clip_layers))
     plan: list[OutTensor] = []
     unknown = []
     for hf in ckpt.ordered_names():
@@ -130,43 +186,27 @@ def plan_mmproj(ckpt: Checkpoint, out: OutType) -> list[OutTensor]:
     if unknown:
         raise ConvertError(f"unknown vision tensor(s): {', '.join(unknown[:8])}"
                            + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""))
-    _check_complete(plan, _expected_mmproj_names(sam, clip), "vision")
+    _check_plan(plan, vision_shapes(p), "vision")
     return plan
 
 
-def _expected_lm_names(hp: dict) -> set[str]:
-    names = {"token_embd.weight", "output_norm.weight", "output.weight"}
-    for b in range(hp["num_hidden_layers"]):
-        names |= {f"blk.{b}.{t}.weight" for t in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm")}
-        if b < hp.get("first_k_dense_replace", 1):
-            names |= {f"blk.{b}.{t}.weight" for t in ("ffn_gate", "ffn_up", "ffn_down")}
-        else:
-            names |= {f"blk.{b}.{t}.weight" for t in ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps",
-                                                       "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")}
-    return names
-
-
-def _expected_mmproj_names(sam: dict, clip: dict) -> set[str]:
-    names = {"v.sam.pos_embd.weight", "v.sam.patch_embd.weight", "v.sam.patch_embd.bias", "v.sam.neck.0.weight",
-             "v.sam.neck.1.weight", "v.sam.neck.1.bias", "v.sam.neck.2.weight", "v.sam.neck.3.weight",
-             "v.sam.neck.3.bias", "v.sam.net_2.weight", "v.sam.net_3.weight", "v.class_embd",
-             "v.position_embd.weight", "v.pre_ln.weight", "v.pre_ln.bias", "mm.model.fc.weight",
-             "mm.model.fc.bias", "v.image_newline", "v.view_seperator"}
-    for b in range(sam["layers"]):
-        names |= {f"v.sam.blk.{b}.{t}" for t in ("attn.pos_h.weight", "attn.pos_w.weight")}
-        names |= {f"v.sam.blk.{b}.{t}.{s}" for t in ("pre_ln", "post_ln", "attn.qkv", "attn.out", "mlp.lin1",
-                                                    "mlp.lin2") for s in ("weight", "bias")}
-    for b in range(clip["layers"]):
-        names |= {f"v.blk.{b}.{t}.{s}" for t in ("ln1", "ln2", "attn_qkv", "attn_out", "ffn_up", "ffn_down")
-                  for s in ("weight", "bias")}
-    return names
-
-
-def _check_complete(plan: list[OutTensor], expected: set[str], what: str) -> None:
-    missing = sorted(expected - {t.name for t in plan})
+def _check_plan(plan: list[OutTensor], table: dict[str, Shape], what: str) -> None:
+    """Every tensor the runtime reads is planned, each of the shape its table (runtime.tensor_specs)
+    expects; a merged expert tensor is checked piece by piece, so the error names the HF tensor."""
+    missing = sorted(set(table) - {t.name for t in plan})
     if missing:
         raise ConvertError(f"checkpoint lacks {what} tensor(s): {', '.join(missing[:8])}"
                            + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    shapes = resolve_widths(table, {t.name: t.shape for t in plan})
+    for t in plan:
+        if t.name not in shapes:   # read by nobody (llama.cpp's files keep CLIP's patch conv too)
+            continue
+        pieces = [(s, (len(t.sources), *s.shape)) for s in t.sources] if len(t.sources) > 1 else \
+            [(t.sources[0], t.shape)]
+        for source, shape in pieces:
+            problem = shape_problem(t.name, shape, shapes[t.name])
+            if problem:
+                raise ConvertError(f"{source.name}: {problem}")
 
 
 def _metadata(ckpt: Checkpoint, writer: gguf.GGUFWriter, name: str | None, type_name: str) -> None:
@@ -181,32 +221,32 @@ def _metadata(ckpt: Checkpoint, writer: gguf.GGUFWriter, name: str | None, type_
 
 
 def write_lm_keys(ckpt: Checkpoint, writer: gguf.GGUFWriter, out: OutType, name: str | None) -> None:
-    hp = lm_hparams(ckpt.config)
+    hp, p = lm_hparams(ckpt.config), lm_params(ckpt)
     writer.add_chat_template(PLAIN_CHAT_TEMPLATE)
     _metadata(ckpt, writer, name, gguf.GGUFType.MODEL)
-    writer.add_block_count(hp["num_hidden_layers"])
-    writer.add_context_length(hp.get("max_position_embeddings", 8192))
-    writer.add_embedding_length(hp["hidden_size"])
-    writer.add_feed_forward_length(hp["intermediate_size"])
-    writer.add_head_count(hp["num_attention_heads"])
-    writer.add_head_count_kv(hp.get("num_key_value_heads", hp["num_attention_heads"]))
-    writer.add_layer_norm_rms_eps(hp.get("rms_norm_eps", 1e-6))
-    writer.add_expert_count(hp["n_routed_experts"])
-    writer.add_expert_used_count(hp["num_experts_per_tok"])
+    writer.add_block_count(p.n_layer)
+    writer.add_context_length(p.n_ctx_train)
+    writer.add_embedding_length(p.n_embd)
+    writer.add_feed_forward_length(p.n_ff)
+    writer.add_head_count(p.n_head)
+    writer.add_head_count_kv(p.n_head_kv)
+    writer.add_layer_norm_rms_eps(p.eps)
+    writer.add_expert_count(p.n_expert)
+    writer.add_expert_used_count(p.n_expert_used)
     writer.add_expert_group_count(hp.get("n_group", 1))
     writer.add_expert_group_used_count(hp.get("topk_group", 1))
     writer.add_file_type(out.ftype)
-    writer.add_leading_dense_block_count(hp.get("first_k_dense_replace", 1))
-    writer.add_vocab_size(hp["vocab_size"])
-    writer.add_expert_feed_forward_length(hp["moe_intermediate_size"])
-    writer.add_expert_shared_count(hp["n_shared_experts"])
-    if hp.get("routed_scaling_factor") is not None:
-        writer.add_expert_weights_scale(hp["routed_scaling_factor"])
-    if hp.get("norm_topk_prob"):
+    writer.add_leading_dense_block_count(p.n_dense)
+    writer.add_vocab_size(p.vocab_size)
+    writer.add_expert_feed_forward_length(p.n_ff_exp)
+    writer.add_expert_shared_count(p.n_shared)
+    if hp.get("routed_scaling_factor") is not None:   # llama.cpp writes the key only when the config has it
+        writer.add_expert_weights_scale(p.expert_scale)
+    if p.expert_norm:
         writer.add_expert_weights_norm(True)
     writer.add_rope_dimension_count(hp.get("qk_rope_head_dim", 0))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    write_tokenizer(ckpt, writer, hp["vocab_size"])
+    write_tokenizer(ckpt, writer, p.vocab_size)
 
 
 def _looks_special(token: str) -> bool:
@@ -226,9 +266,11 @@ def write_tokenizer(ckpt: Checkpoint, writer: gguf.GGUFWriter, vocab_size: int) 
     except Exception as e:  # the tokenizers library raises its own exception types
         raise ConvertError(f"{path}: cannot load the tokenizer ({e})") from None
     reverse = {i: t for t, i in tok.get_vocab(with_added_tokens=True).items()}
+    if reverse and max(reverse) >= vocab_size:   # the runtime needs one token per embedding row
+        raise ConvertError(f"{path}: token id {max(reverse)} is past the vocabulary size {vocab_size}")
     added = {a["id"]: a for a in json.loads(text).get("added_tokens", [])}
     tokens, types = [], []
-    for i in range(max(vocab_size, len(reverse))):
+    for i in range(vocab_size):
         if i not in reverse:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
@@ -254,36 +296,36 @@ def write_tokenizer(ckpt: Checkpoint, writer: gguf.GGUFWriter, vocab_size: int) 
 
 
 def write_mmproj_keys(ckpt: Checkpoint, writer: gguf.GGUFWriter, out: OutType, name: str | None) -> None:
-    sam, clip = vision_hparams(ckpt.config)
-    hp = lm_hparams(ckpt.config)
+    _, clip = vision_hparams(ckpt.config)
+    p = vision_params(ckpt)
     proc = ckpt.optional_json("processor_config.json")
     _metadata(ckpt, writer, name, gguf.GGUFType.MMPROJ)
     writer.add_file_type(out.ftype)
     writer.add_bool(Keys.Clip.HAS_VISION_ENCODER, True)
-    writer.add_vision_projection_dim(hp["hidden_size"])
-    writer.add_vision_image_size(clip["image_size"])
-    writer.add_vision_patch_size(clip["patch_size"])
-    writer.add_vision_embedding_length(clip["width"])
-    writer.add_vision_feed_forward_length(clip["ffn_hidden_size"])
-    writer.add_vision_block_count(clip["layers"])
-    writer.add_vision_head_count(clip["heads"])
+    writer.add_vision_projection_dim(p.n_embd)
+    writer.add_vision_image_size(p.clip_image)
+    writer.add_vision_patch_size(p.clip_patch)
+    writer.add_vision_embedding_length(p.clip_width)
+    writer.add_vision_feed_forward_length(_setting(ckpt, "clip-l-14-224 ffn_hidden_size", clip["ffn_hidden_size"]))
+    writer.add_vision_block_count(p.clip_layers)
+    writer.add_vision_head_count(p.clip_heads)
     writer.add_vision_image_mean(proc.get("image_mean", [0.5, 0.5, 0.5]))
     writer.add_vision_image_std(proc.get("image_std", [0.5, 0.5, 0.5]))
     writer.add_clip_projector_type(gguf.VisionProjectorType.DEEPSEEKOCR)
-    writer.add_vision_attention_layernorm_eps(1e-6)
+    writer.add_vision_attention_layernorm_eps(p.sam_eps)
     writer.add_vision_use_gelu(True)
     writer.add_vision_projector_scale_factor(1)
-    writer.add_vision_window_size(sam["window_size"])
+    writer.add_vision_window_size(p.window)
     writer.add_vision_preproc_min_tiles(2)
     writer.add_vision_preproc_max_tiles(9)
-    writer.add_vision_sam_layers_count(sam["layers"])
-    writer.add_vision_sam_embedding_length(sam["width"])
-    writer.add_vision_sam_head_count(sam["heads"])
+    writer.add_vision_sam_layers_count(p.sam_layers)
+    writer.add_vision_sam_embedding_length(p.sam_width)
+    writer.add_vision_sam_head_count(p.sam_heads)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_array(KEY_SAM_GLOBAL_ATTN, [int(i) for i in sam["global_attn_indexes"]])
-    writer.add_uint32(KEY_SAM_IMAGE_SIZE, sam["image_size"])
-    writer.add_uint32(KEY_SAM_PATCH_SIZE, sam["patch_size"])
-    writer.add_float32(KEY_CLIP_LN_EPS, 1e-5)
+    writer.add_array(KEY_SAM_GLOBAL_ATTN, list(p.sam_global))
+    writer.add_uint32(KEY_SAM_IMAGE_SIZE, p.sam_image)
+    writer.add_uint32(KEY_SAM_PATCH_SIZE, p.sam_patch)
+    writer.add_float32(KEY_CLIP_LN_EPS, p.clip_eps)
     writer.add_uint32(KEY_BASE_SIZE, BASE_SIZE)
     writer.add_uint32(KEY_TILE_SIZE, TILE_SIZE)
 

@@ -1,12 +1,13 @@
 """Streaming GGUF output: gguf.GGUFWriter writes the header, keys and tensor infos from a
 plan; tensor data then follows a block of rows at a time (quantized on the way) with the
 writer's alignment. Output goes to `<name>.part` and is renamed into place only when
-complete, so a failure never leaves a half-written model behind.
+complete (a pair: when both are), so a failure never leaves a half-written model behind.
 """
 from __future__ import annotations
 
 import errno
 import os
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,10 +64,21 @@ def _raw_rows(src: TensorSource, qtype: QT, start: int, stop: int) -> np.ndarray
     return quant.quantize(src.read_rows(start, stop), qtype)
 
 
+def part_path(path: Path) -> Path:
+    return path.with_name(path.name + ".part")
+
+
 def write_gguf(path: Path, arch: str, tensors: list[OutTensor], write_keys: Callable[[gguf.GGUFWriter], None],
                progress: bool = True) -> WrittenFile:
+    """Write PATH (by way of PATH.part)."""
+    return publish([write_gguf_part(path, arch, tensors, write_keys, progress)])[0]
+
+
+def write_gguf_part(path: Path, arch: str, tensors: list[OutTensor],
+                    write_keys: Callable[[gguf.GGUFWriter], None], progress: bool = True) -> WrittenFile:
+    """Write PATH.part whole (or remove it and raise); `publish` then renames it to PATH."""
     path = Path(path)
-    part = path.with_name(path.name + ".part")
+    part = part_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         writer = gguf.GGUFWriter(part, arch)
@@ -93,7 +105,6 @@ def write_gguf(path: Path, arch: str, tensors: list[OutTensor], write_keys: Call
             writer.write_padding(fout, written)
         bar.close()
         writer.close()
-        os.replace(part, path)
     except OSError as e:
         _remove(part)
         if e.errno == errno.ENOSPC:
@@ -104,8 +115,30 @@ def write_gguf(path: Path, arch: str, tensors: list[OutTensor], write_keys: Call
         raise
     out = WrittenFile(path, tensors)
     out.types.update(t.qtype.name for t in tensors)
-    out.nbytes = path.stat().st_size
+    out.nbytes = part.stat().st_size
     return out
+
+
+def publish(files: list[WrittenFile]) -> list[WrittenFile]:
+    """Rename complete .part files into place, once all of them are written. Signals wait until
+    the renames are done, so Ctrl-C or SIGTERM cannot leave a new LM beside an old mmproj."""
+    stops = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        for f in files:
+            os.replace(part_path(f.path), f.path)
+    except OSError as e:
+        discard(files)
+        raise ConvertError(f"cannot write {f.path}: {e.strerror or e}") from None
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    return files
+
+
+def discard(files: list[WrittenFile]) -> None:
+    """Remove the .part files of a write that will not be published."""
+    for f in files:
+        _remove(part_path(f.path))
 
 
 def _remove(path: Path) -> None:

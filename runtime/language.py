@@ -19,6 +19,7 @@ import numpy as np
 
 from dsocr.runtime.errors import ModelError
 from dsocr.runtime.gguf_file import GGUFFile
+from dsocr.runtime.tensor_specs import lm_params_problem, lm_shapes, read_key
 
 ARCH = "deepseek2-ocr"
 
@@ -44,27 +45,34 @@ class LMParams:
 
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> LMParams:
+        """The hparams, refused (ModelError) unless they make sense for the file's tensors."""
         if f.architecture != ARCH:
             raise ModelError(f"{f.path}: architecture {f.architecture!r} is not a DeepSeek-OCR language model ({ARCH})")
-        k = lambda name, default=None: (f.get(f"{ARCH}.{name}", default) if default is not None
-                                        else f.require(f"{ARCH}.{name}"))
-        n_head = int(k("attention.head_count"))
-        return cls(n_layer=int(k("block_count")), n_embd=int(k("embedding_length")), n_head=n_head,
-                   n_head_kv=int(k("attention.head_count_kv", n_head)), n_ff=int(k("feed_forward_length")),
-                   n_dense=int(k("leading_dense_block_count", 1)), n_expert=int(k("expert_count")),
-                   n_expert_used=int(k("expert_used_count")), n_ff_exp=int(k("expert_feed_forward_length")),
-                   n_shared=int(k("expert_shared_count", 0)),
-                   vocab_size=int(k("vocab_size", len(f.get("tokenizer.ggml.tokens") or []))),
-                   n_ctx_train=int(k("context_length", 8192)), eps=float(k("attention.layer_norm_rms_epsilon", 1e-6)),
-                   rope_theta=float(k("rope.freq_base", 10000.0)), expert_scale=float(k("expert_weights_scale", 1.0)),
-                   expert_norm=bool(k("expert_weights_norm", False)))
+        k = lambda name, default=None, kind=int: read_key(f, f"{ARCH}.{name}", default, kind)
+        n_head = k("attention.head_count")
+        n_tokens = len(f.get("tokenizer.ggml.tokens") or [])
+        p = cls(n_layer=k("block_count"), n_embd=k("embedding_length"), n_head=n_head,
+                n_head_kv=k("attention.head_count_kv", n_head), n_ff=k("feed_forward_length"),
+                n_dense=k("leading_dense_block_count", 1), n_expert=k("expert_count"),
+                n_expert_used=k("expert_used_count"), n_ff_exp=k("expert_feed_forward_length"),
+                n_shared=k("expert_shared_count", 0), vocab_size=k("vocab_size", n_tokens),
+                n_ctx_train=k("context_length", 8192), eps=k("attention.layer_norm_rms_epsilon", 1e-6, float),
+                rope_theta=k("rope.freq_base", 10000.0, float), expert_scale=k("expert_weights_scale", 1.0, float),
+                expert_norm=bool(f.get(f"{ARCH}.expert_weights_norm", False)))
+        problem = lm_params_problem(p, len(f.tensors))
+        if problem is None and n_tokens and n_tokens != p.vocab_size:   # ids past either end: out of range
+            problem = f"the tokenizer has {n_tokens} tokens for a vocabulary of {p.vocab_size}"
+        if problem:
+            raise ModelError(f"{f.path}: {problem}")
+        return p
 
 
 class Layer:
-    def __init__(self, f: GGUFFile, be, i: int, dense: bool):
-        t = lambda name: be.weight(f.tensor(f"blk.{i}.{name}.weight"))
-        self.attn_norm = be.table(f.tensor(f"blk.{i}.attn_norm.weight"))
-        self.ffn_norm = be.table(f.tensor(f"blk.{i}.ffn_norm.weight"))
+    def __init__(self, get, be, i: int, dense: bool):
+        # get(name): the tensor, its shape checked against the table (runtime.tensor_specs)
+        t = lambda name: be.weight(get(f"blk.{i}.{name}.weight"))
+        self.attn_norm = be.table(get(f"blk.{i}.attn_norm.weight"))
+        self.ffn_norm = be.table(get(f"blk.{i}.ffn_norm.weight"))
         self.wq, self.wk, self.wv, self.wo = t("attn_q"), t("attn_k"), t("attn_v"), t("attn_output")
         self.dense = dense
         if dense:
@@ -80,12 +88,12 @@ class LanguageModel:
         self.file = f
         self.be = backend
         self.p = p = LMParams.from_gguf(f)
-        if p.n_head_kv != p.n_head:
-            raise ModelError(f"{f.path}: grouped-query attention ({p.n_head_kv} kv heads) is not DeepSeek-OCR")
-        self.token_embd = backend.weight(f.tensor("token_embd.weight"))
-        self.output_norm = backend.table(f.tensor("output_norm.weight"))
-        self.output = backend.weight(f.tensor("output.weight"))
-        self.layers = [Layer(f, backend, i, i < p.n_dense) for i in range(p.n_layer)]
+        shapes = lm_shapes(p)
+        get = lambda name: f.tensor(name, shapes[name])
+        self.token_embd = backend.weight(get("token_embd.weight"))
+        self.output_norm = backend.table(get("output_norm.weight"))
+        self.output = backend.weight(get("output.weight"))
+        self.layers = [Layer(get, backend, i, i < p.n_dense) for i in range(p.n_layer)]
         self.routing: dict[int, tuple[np.ndarray, np.ndarray]] | None = None   # set to {} to record top-k
 
     def new_cache(self, n_ctx: int, f16: bool = True):

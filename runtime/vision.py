@@ -27,6 +27,7 @@ import numpy as np
 from dsocr.runtime.errors import ModelError
 from dsocr.runtime.gguf_file import GGUFFile
 from dsocr.runtime.preprocess import PreparedImage
+from dsocr.runtime.tensor_specs import read_key, resolve_widths, vision_params_problem, vision_shapes
 
 
 @dataclass
@@ -41,27 +42,33 @@ class VisionParams:
     clip_layers: int
     clip_width: int
     clip_heads: int
+    clip_image: int      # CLIP-L's own 224 / 14: its position table's grid
+    clip_patch: int
     clip_eps: float
     sam_eps: float
     n_embd: int
 
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> VisionParams:
+        """The hparams, refused (ModelError) unless they make sense for the file's tensors."""
         if f.architecture != "clip" or f.get("clip.projector_type") != "deepseekocr":
             raise ModelError(f"{f.path}: not a DeepSeek-OCR mmproj (architecture {f.architecture!r}, "
                              f"projector {f.get('clip.projector_type')!r})")
-        return cls(sam_layers=int(f.require("clip.vision.sam.block_count")),
-                   sam_width=int(f.require("clip.vision.sam.embedding_length")),
-                   sam_heads=int(f.require("clip.vision.sam.head_count")),
-                   sam_global=tuple(int(i) for i in f.get("dsocr.vision.sam.global_attn_indexes", [2, 5, 8, 11])),
-                   window=int(f.get("clip.vision.window_size", 14)),
-                   sam_patch=int(f.get("dsocr.vision.sam.patch_size", 16)),
-                   sam_image=int(f.get("dsocr.vision.sam.image_size", 1024)),
-                   clip_layers=int(f.require("clip.vision.block_count")),
-                   clip_width=int(f.require("clip.vision.embedding_length")),
-                   clip_heads=int(f.require("clip.vision.attention.head_count")),
-                   clip_eps=float(f.get("dsocr.vision.clip.layer_norm_epsilon", 1e-5)),
-                   sam_eps=1e-6, n_embd=int(f.tensor("mm.model.fc.weight").shape[0]))
+        k = lambda key, default=None, kind=int: read_key(f, key, default, kind)
+        p = cls(sam_layers=k("clip.vision.sam.block_count"), sam_width=k("clip.vision.sam.embedding_length"),
+                sam_heads=k("clip.vision.sam.head_count"),
+                sam_global=k("dsocr.vision.sam.global_attn_indexes", [2, 5, 8, 11], tuple),
+                window=k("clip.vision.window_size", 14), sam_patch=k("dsocr.vision.sam.patch_size", 16),
+                sam_image=k("dsocr.vision.sam.image_size", 1024), clip_layers=k("clip.vision.block_count"),
+                clip_width=k("clip.vision.embedding_length"), clip_heads=k("clip.vision.attention.head_count"),
+                clip_image=k("clip.vision.image_size", 224), clip_patch=k("clip.vision.patch_size", 14),
+                clip_eps=k("dsocr.vision.clip.layer_norm_epsilon", 1e-5, float), sam_eps=1e-6,
+                # the LM width is the projector's rows, as llama.cpp reads it (vision_shapes checks the rest)
+                n_embd=f.tensor("mm.model.fc.weight", (None, None)).shape[0])
+        problem = vision_params_problem(p, len(f.tensors))
+        if problem:
+            raise ModelError(f"{f.path}: {problem}")
+        return p
 
 
 # ---------------------------------------------------------------- table resizing (host, cached)
@@ -123,27 +130,28 @@ def relative_table(rel_pos: np.ndarray, size: int) -> np.ndarray:
 # ---------------------------------------------------------------- the model
 
 class SamBlock:
-    def __init__(self, f: GGUFFile, be, i: int):
+    def __init__(self, t, be, i: int):
+        # t(name): the tensor, its shape checked against the table (runtime.tensor_specs)
         p = f"v.sam.blk.{i}."
-        self.ln1_w, self.ln1_b = be.table(f.tensor(p + "pre_ln.weight")), be.table(f.tensor(p + "pre_ln.bias"))
-        self.ln2_w, self.ln2_b = be.table(f.tensor(p + "post_ln.weight")), be.table(f.tensor(p + "post_ln.bias"))
-        self.qkv, self.qkv_b = be.weight(f.tensor(p + "attn.qkv.weight")), be.table(f.tensor(p + "attn.qkv.bias"))
-        self.out, self.out_b = be.weight(f.tensor(p + "attn.out.weight")), be.table(f.tensor(p + "attn.out.bias"))
-        self.fc1, self.fc1_b = be.weight(f.tensor(p + "mlp.lin1.weight")), be.table(f.tensor(p + "mlp.lin1.bias"))
-        self.fc2, self.fc2_b = be.weight(f.tensor(p + "mlp.lin2.weight")), be.table(f.tensor(p + "mlp.lin2.bias"))
-        self.rel_h = f.tensor(p + "attn.pos_h.weight").floats()
-        self.rel_w = f.tensor(p + "attn.pos_w.weight").floats()
+        self.ln1_w, self.ln1_b = be.table(t(p + "pre_ln.weight")), be.table(t(p + "pre_ln.bias"))
+        self.ln2_w, self.ln2_b = be.table(t(p + "post_ln.weight")), be.table(t(p + "post_ln.bias"))
+        self.qkv, self.qkv_b = be.weight(t(p + "attn.qkv.weight")), be.table(t(p + "attn.qkv.bias"))
+        self.out, self.out_b = be.weight(t(p + "attn.out.weight")), be.table(t(p + "attn.out.bias"))
+        self.fc1, self.fc1_b = be.weight(t(p + "mlp.lin1.weight")), be.table(t(p + "mlp.lin1.bias"))
+        self.fc2, self.fc2_b = be.weight(t(p + "mlp.lin2.weight")), be.table(t(p + "mlp.lin2.bias"))
+        self.rel_h = t(p + "attn.pos_h.weight").floats()
+        self.rel_w = t(p + "attn.pos_w.weight").floats()
 
 
 class ClipBlock:
-    def __init__(self, f: GGUFFile, be, i: int):
+    def __init__(self, t, be, i: int):
         p = f"v.blk.{i}."
-        self.ln1_w, self.ln1_b = be.table(f.tensor(p + "ln1.weight")), be.table(f.tensor(p + "ln1.bias"))
-        self.ln2_w, self.ln2_b = be.table(f.tensor(p + "ln2.weight")), be.table(f.tensor(p + "ln2.bias"))
-        self.qkv, self.qkv_b = be.weight(f.tensor(p + "attn_qkv.weight")), be.table(f.tensor(p + "attn_qkv.bias"))
-        self.out, self.out_b = be.weight(f.tensor(p + "attn_out.weight")), be.table(f.tensor(p + "attn_out.bias"))
-        self.fc1, self.fc1_b = be.weight(f.tensor(p + "ffn_up.weight")), be.table(f.tensor(p + "ffn_up.bias"))
-        self.fc2, self.fc2_b = be.weight(f.tensor(p + "ffn_down.weight")), be.table(f.tensor(p + "ffn_down.bias"))
+        self.ln1_w, self.ln1_b = be.table(t(p + "ln1.weight")), be.table(t(p + "ln1.bias"))
+        self.ln2_w, self.ln2_b = be.table(t(p + "ln2.weight")), be.table(t(p + "ln2.bias"))
+        self.qkv, self.qkv_b = be.weight(t(p + "attn_qkv.weight")), be.table(t(p + "attn_qkv.bias"))
+        self.out, self.out_b = be.weight(t(p + "attn_out.weight")), be.table(t(p + "attn_out.bias"))
+        self.fc1, self.fc1_b = be.weight(t(p + "ffn_up.weight")), be.table(t(p + "ffn_up.bias"))
+        self.fc2, self.fc2_b = be.weight(t(p + "ffn_down.weight")), be.table(t(p + "ffn_down.bias"))
 
 
 class VisionModel:
@@ -151,12 +159,11 @@ class VisionModel:
         self.file, self.be = f, backend
         self.p = p = VisionParams.from_gguf(f)
         be = backend
-        t = lambda name: f.tensor(name)
+        shapes = resolve_widths(vision_shapes(p), {name: x.shape for name, x in f.tensors.items()})
+        t = lambda name: f.tensor(name, shapes[name])
         self.patch_w, self.patch_b = be.weight(t("v.sam.patch_embd.weight")), be.table(t("v.sam.patch_embd.bias"))
-        pos = t("v.sam.pos_embd.weight").floats()
-        side = int(math.isqrt(pos.size // p.sam_width))
-        self.sam_pos = pos.reshape(side, side, p.sam_width)
-        self.sam_blocks = [SamBlock(f, be, i) for i in range(p.sam_layers)]
+        self.sam_pos = t("v.sam.pos_embd.weight").floats()[0]                   # [n, n, C]
+        self.sam_blocks = [SamBlock(t, be, i) for i in range(p.sam_layers)]
         self.neck0, self.neck2 = be.weight(t("v.sam.neck.0.weight")), be.weight(t("v.sam.neck.2.weight"))
         self.neck1 = (be.table(t("v.sam.neck.1.weight")), be.table(t("v.sam.neck.1.bias")))
         self.neck3 = (be.table(t("v.sam.neck.3.weight")), be.table(t("v.sam.neck.3.bias")))
@@ -164,7 +171,7 @@ class VisionModel:
         self.class_embd = t("v.class_embd").floats()
         self.clip_pos = t("v.position_embd.weight").floats()
         self.pre_ln = (be.table(t("v.pre_ln.weight")), be.table(t("v.pre_ln.bias")))
-        self.clip_blocks = [ClipBlock(f, be, i) for i in range(p.clip_layers)]
+        self.clip_blocks = [ClipBlock(t, be, i) for i in range(p.clip_layers)]
         self.proj_w, self.proj_b = be.weight(t("mm.model.fc.weight")), be.table(t("mm.model.fc.bias"))
         self.newline = t("v.image_newline").floats().reshape(-1)
         self.separator = t("v.view_seperator").floats().reshape(-1)
