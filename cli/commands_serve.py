@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-body-mb", type=int, help="largest request body (images are inline)")
     g.add_argument("--allow-private-urls", action="store_true", default=None,
                    help="let image URLs resolve to private, loopback or link-local addresses")
+    g.add_argument("--fetch-timeout", type=float, metavar="SECONDS", help="the most time one image URL may take")
+    g.add_argument("--request-fetch-timeout", type=float, metavar="SECONDS",
+                   help="the most time all of one request's image URLs may take")
     add_inference_flags(p)
     p.set_defaults(run=cmd_serve)
 
@@ -29,23 +32,28 @@ def cmd_serve(args) -> int:
     from dsocr.runtime.engine import OcrEngine
     from dsocr.runtime.errors import InputError
     from dsocr.runtime.preprocess import ViewConfig
-    from dsocr.sanic_app import create_app
+    from dsocr.sanic_app import check_server_settings, create_app
     over = cli_overrides(args)
     over["server"] = {"host": args.host, "port": args.port, "model_id": args.model_id, "api_key": args.api_key,
                       "max_queue": args.max_queue, "max_body_mb": args.max_body_mb,
-                      "allow_private_urls": args.allow_private_urls}
+                      "allow_private_urls": args.allow_private_urls, "fetch_timeout": args.fetch_timeout,
+                      "request_fetch_timeout": args.request_fetch_timeout}
     try:
         settings = load_settings(args.config, over)
     except ConfigError as e:
         raise InputError(str(e)) from None
-    inf = settings["inference"]
+    inf, srv = settings["inference"], settings["server"]
+    check_server_settings(srv)              # before the model loads: a useless server fails at once
     ViewConfig.from_mode(inf["mode"]).validate()
     lm, mm = resolve_model(settings)
     engine = OcrEngine(lm, mm, device=inf["device"], threads=int(inf["threads"]) or None)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    srv = settings["server"]
     app = create_app(engine, settings.data)
-    print(f"dsocr: serving {srv['model_id']} ({lm.name} + {engine.mmproj_path.name}) on http://{srv['host']}:{srv['port']}",
-          file=sys.stderr, flush=True)
+
+    @app.after_server_start
+    async def announce(app_, _loop):        # once listening: a taken port never prints "serving"
+        print(f"dsocr: serving {srv['model_id']} ({lm.name} + {engine.mmproj_path.name}) on "
+              f"http://{srv['host']}:{srv['port']}", file=sys.stderr, flush=True)
+
     app.run(host=srv["host"], port=int(srv["port"]), single_process=True, access_log=False, motd=False)
     return 0

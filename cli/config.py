@@ -24,7 +24,7 @@ DEFAULTS = {
                   "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": -1, "no_repeat_ngram_size": 30,
                   "ngram_window": 90, "threads": 0, "device": "cpu", "max_pixels": 64_000_000},
     "server": {"host": "127.0.0.1", "port": 8000, "model_id": "deepseek-ocr", "api_key": "", "max_queue": 8,
-               "max_body_mb": 50, "allow_private_urls": False},
+               "max_body_mb": 50, "allow_private_urls": False, "fetch_timeout": 20.0, "request_fetch_timeout": 60.0},
 }
 
 TEMPLATE = """\
@@ -65,6 +65,8 @@ api_key = ""                 # empty: no authentication
 max_queue = 8
 max_body_mb = 50
 allow_private_urls = false   # image URLs resolving to private/loopback addresses are refused unless true
+fetch_timeout = 20.0         # seconds to fetch one image URL, however slowly the server sends it
+request_fetch_timeout = 60.0 # seconds to fetch all of one request's image URLs
 """
 
 # environment variables -> (section, key, type)

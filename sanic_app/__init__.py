@@ -1,24 +1,29 @@
 """The OpenAI-compatible HTTP server: `create_app(engine, settings)`.
 
-Routes: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/responses,
-GET /openapi.json. Model logic stays in dsocr.runtime; this package parses requests, fetches
-images, queues jobs for the single engine worker and streams results (SSE) back.
+Routes: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions,
+POST /v1/responses, GET /openapi.json (HEAD too on the GET routes). Model logic stays in
+dsocr.runtime; this package parses requests, fetches images, queues jobs for the single engine
+worker and streams results (SSE) back.
 """
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import math
 import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import unquote
 
 from sanic import Sanic, response
 from sanic.exceptions import SanicException
 
-from dsocr.runtime.engine import OcrEngine, OcrRequest, normalize_prompt
+from dsocr.runtime.engine import OcrEngine, normalize_prompt
 from dsocr.runtime.errors import InputError
 from dsocr.runtime.preprocess import ViewConfig
-from dsocr.sanic_app.errors import APIError, error_response
-from dsocr.sanic_app.images import FetchPolicy, load_request_image
+from dsocr.sanic_app.errors import APIError, error_body, error_response
+from dsocr.sanic_app.images import FetchPolicy, load_request_images
 from dsocr.sanic_app.openapi import openapi_document
 from dsocr.sanic_app.protocol import (ParsedRequest, StopFilter, chat_chunk, chat_completion, new_id, parse_chat,
                                       parse_responses, response_object, usage_chat, usage_responses)
@@ -26,6 +31,37 @@ from dsocr.sanic_app.worker import EngineWorker, Job
 
 log = logging.getLogger("dsocr.server")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _seconds(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+# Server settings that would make every request fail: key -> (valid?, what it must be).
+SERVER_SETTINGS = {
+    "port": (lambda v: _whole(v) and 1 <= v <= 65535, "an integer from 1 to 65535"),
+    "max_queue": (lambda v: _whole(v) and v >= 1, "an integer >= 1"),
+    "max_body_mb": (lambda v: _whole(v) and v >= 1, "an integer >= 1"),
+    "fetch_timeout": (_seconds, "a number of seconds > 0"),
+    "request_fetch_timeout": (_seconds, "a number of seconds > 0"),
+}
+
+
+def check_server_settings(srv: dict) -> None:
+    """Refuses, naming the flag and the config key, settings that would make the server useless."""
+    for key, (valid, what) in SERVER_SETTINGS.items():
+        if not valid(srv.get(key)):
+            raise InputError(f"--{key.replace('_', '-')} (server.{key}) must be {what}, not {srv.get(key)!r}")
+
+
+def bearer_token(header: str) -> str | None:
+    """The credentials of `Authorization: Bearer ...`; the scheme is case-insensitive (RFC 7235)."""
+    scheme, _, token = header.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
 
 
 def sse(data, event: str | None = None) -> str:
@@ -42,7 +78,10 @@ def create_app(engine: OcrEngine, settings: dict, name: str = "dsocr") -> Sanic:
     app.config.REQUEST_TIMEOUT = 120
     app.config.KEEP_ALIVE_TIMEOUT = 30
     model_id = srv["model_id"]
-    policy = FetchPolicy(allow_private=bool(srv["allow_private_urls"]), max_pixels=int(inf["max_pixels"]))
+    policy = FetchPolicy(allow_private=bool(srv["allow_private_urls"]), max_pixels=int(inf["max_pixels"]),
+                         fetch_timeout=float(srv["fetch_timeout"]),
+                         request_fetch_timeout=float(srv["request_fetch_timeout"]))
+    admission_decoder = ThreadPoolExecutor(1, "dsocr-admission")   # one image decode at a time at admission
     state = {"worker": None}
 
     @app.before_server_start
@@ -53,13 +92,15 @@ def create_app(engine: OcrEngine, settings: dict, name: str = "dsocr") -> Sanic:
     async def stop_worker(app_, _loop):
         if state["worker"]:
             state["worker"].stop()
+        admission_decoder.shutdown(wait=False, cancel_futures=True)
 
     @app.on_request
     async def authenticate(request):
         request.ctx.t0 = time.perf_counter()
         key = srv.get("api_key")
         if key and request.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {key}":
+            token = bearer_token(request.headers.get("authorization", ""))
+            if token is None or not hmac.compare_digest(token.encode(), key.encode()):
                 return error_response(401, "invalid or missing API key (Authorization: Bearer ...)", None,
                                       "invalid_api_key")
 
@@ -67,40 +108,53 @@ def create_app(engine: OcrEngine, settings: dict, name: str = "dsocr") -> Sanic:
     async def api_error(request, e: APIError):
         return error_response(e.status, e.message, e.param, e.code, e.headers)
 
+    def head_too_large(request):
+        """Sanic answers a request head over REQUEST_MAX_HEADER_SIZE with a 413 before parsing it (the
+        request it hands over has no headers): a request line that does not end within the limit is a
+        URL too long, otherwise the headers are too large."""
+        limit = app.config.REQUEST_MAX_HEADER_SIZE
+        if b"\r\n" not in bytes(getattr(request.stream, "recv_buffer", b""))[:limit]:
+            return error_response(414, f"the URL is too long (the request line is over {limit} bytes)", None,
+                                  "uri_too_long")
+        return error_response(431, f"the request headers are over {limit} bytes", None, "headers_too_large")
+
     @app.exception(SanicException)
     async def sanic_error(request, e: SanicException):
         status = getattr(e, "status_code", 500) or 500
-        if status == 404:
-            return error_response(404, f"no route {request.method} {request.path}", None, "not_found")
-        if status == 413:
-            return error_response(413, f"request body over {srv['max_body_mb']} MB", None, "payload_too_large")
-        if status == 405:
-            return error_response(405, f"{request.method} is not allowed on {request.path}", None,
-                                  "method_not_allowed")
-        return error_response(status, str(e) or "bad request", None, None)
+        if status == 413 and not request.headers:
+            return head_too_large(request)
+        messages = {404: (f"no route {request.method} {request.path}", "not_found"),
+                    413: (f"request body over {srv['max_body_mb']} MB", "payload_too_large"),
+                    405: (f"{request.method} is not allowed on {request.path}", "method_not_allowed")}
+        message, code = messages.get(status, (str(e) or "bad request", None))
+        return error_response(status, message, None, code, getattr(e, "headers", None))   # 405: Allow
 
     @app.exception(Exception)
     async def server_error(request, e: Exception):
         log.exception("internal error on %s", request.path)
         return error_response(500, f"internal error ({type(e).__name__})", None, "internal_error")
 
-    @app.get("/health")
+    def get(uri: str):
+        return app.route(uri, methods=["GET", "HEAD"])     # Sanic drops the body of a HEAD response
+
+    @get("/health")
     async def health(request):
         w = state["worker"]
         return response.json({"status": "ok", "model": model_id, "queued": w.waiting if w else 0,
                               "busy": bool(w and w.busy)})
 
-    @app.get("/openapi.json")
+    @get("/openapi.json")
     async def openapi(request):
         return response.json(openapi_document(model_id))
 
-    @app.get("/v1/models")
+    @get("/v1/models")
     async def models(request):
         return response.json({"object": "list", "data": [{"id": model_id, "object": "model", "created": 0,
                                                           "owned_by": "dsocr"}]})
 
-    @app.get("/v1/models/<mid:path>")
+    @get("/v1/models/<mid:path>")
     async def model(request, mid: str):
+        mid = unquote(mid)                  # clients send a model id's '/' as %2F; Sanic leaves it quoted
         if mid != model_id:
             raise APIError(404, f"the model {mid!r} does not exist", "model", "model_not_found")
         return response.json({"id": model_id, "object": "model", "created": 0, "owned_by": "dsocr"})
@@ -110,6 +164,8 @@ def create_app(engine: OcrEngine, settings: dict, name: str = "dsocr") -> Sanic:
             body = json.loads(request.body or b"")
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise APIError(400, "the request body is not valid JSON") from None
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
         if body.get("model") != model_id:
@@ -126,11 +182,21 @@ def create_app(engine: OcrEngine, settings: dict, name: str = "dsocr") -> Sanic:
             prompt = normalize_prompt(parsed.prompt, len(parsed.image_refs))
         except InputError as e:
             raise APIError(400, str(e), "mode") from None
-        images = [await load_request_image(url, policy, param) for url, param in parsed.image_refs]
-        job = Job(OcrRequest(images, prompt, view, parsed.sampling), asyncio.get_running_loop(), rid)
-        if not state["worker"].submit(job):
+        worker = state["worker"]
+        if not worker.reserve():       # before any fetch or decode: a full queue costs nothing
             raise APIError(503, "the server is busy: the request queue is full, retry shortly", None,
                            "queue_full", {"Retry-After": "5"})
+        try:
+            images = await load_request_images(parsed.image_refs, policy, admission_decoder)
+            try:
+                await asyncio.to_thread(engine.check_context, prompt, [im.size for im in images], view)
+            except InputError as e:
+                raise APIError(400, str(e), parsed.messages_param, "context_length_exceeded") from None
+            job = Job(images, prompt, view, parsed.sampling, asyncio.get_running_loop(), rid)
+        except BaseException:          # a bad image, a cancelled request: the place goes back
+            worker.release()
+            raise
+        worker.submit(job)
         return job
 
     def finish_reason(result, stop: StopFilter | None) -> str:
@@ -166,6 +232,8 @@ def create_app(engine: OcrEngine, settings: dict, name: str = "dsocr") -> Sanic:
                 raise value if isinstance(value, Exception) else RuntimeError(str(value))
 
     def engine_error(e: Exception) -> APIError:
+        if isinstance(e, APIError):
+            return e
         if isinstance(e, InputError):
             return APIError(400, str(e))
         log.error("generation failed: %s", e)
@@ -221,8 +289,7 @@ def create_app(engine: OcrEngine, settings: dict, name: str = "dsocr") -> Sanic:
         except Exception as e:
             status = "error"
             err = engine_error(e)
-            await resp.send(sse({"error": {"message": err.message, "type": "server_error", "param": None,
-                                           "code": err.code}}))
+            await resp.send(sse(error_body(err.status, err.message, err.param, err.code)))
             await resp.eof()
         finally:
             job.cancelled.set()
@@ -285,7 +352,7 @@ def create_app(engine: OcrEngine, settings: dict, name: str = "dsocr") -> Sanic:
         except Exception as e:
             status = "error"
             err = engine_error(e)
-            await send("error", {"code": err.code, "message": err.message, "param": None})
+            await send("error", {"code": err.code, "message": err.message, "param": err.param})
             await resp.eof()
         finally:
             job.cancelled.set()

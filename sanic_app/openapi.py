@@ -16,7 +16,7 @@ def openapi_document(model_id: str) -> dict:
         "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": part}]}}}
     common = {"model": {"type": "string", "example": model_id}, "stream": {"type": "boolean"},
               "temperature": {"type": "number", "minimum": 0, "maximum": 2}, "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-              "top_k": {"type": "integer", "minimum": 0}, "seed": {"type": "integer"},
+              "top_k": {"type": "integer", "minimum": 0}, "seed": {"type": "integer", "minimum": 0},
               "no_repeat_ngram_size": {"type": "integer", "minimum": 0}, "ngram_window": {"type": "integer", "minimum": 1},
               "mode": {"enum": ["tiny", "small", "base", "large", "gundam"]}}
     chat_req = {"type": "object", "required": ["model", "messages"], "properties": {

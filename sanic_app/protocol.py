@@ -5,10 +5,12 @@ by the last user turn; parts keep their order and each image becomes one `<image
 """
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
 
+from dsocr.runtime.engine import IMAGE_TOKEN as IMAGE_MARKER
 from dsocr.runtime.generate import SamplingParams
 from dsocr.sanic_app.errors import APIError
 
@@ -21,6 +23,7 @@ class ParsedRequest:
     image_refs: list[tuple[str, str]]          # (url, param path)
     sampling: SamplingParams
     mode: str
+    messages_param: str                        # "messages" or "input": where the prompt came from
     stream: bool = False
     stop: list[str] = field(default_factory=list)
     include_usage: bool = False
@@ -31,21 +34,41 @@ def _bad(message: str, param: str | None = None) -> APIError:
 
 
 def _number(body: dict, key: str, kind, lo=None, hi=None, default=None):
+    """body[key] as `kind` within [lo, hi]. Python's json reads NaN, Infinity, 1e400 (inf) and integers
+    of any length: non-finite numbers are refused, and big integers are compared as integers."""
     v = body.get(key, None)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
-        raise _bad(f"'{key}' must be {'an integer' if kind is int else 'a number'}", key)
-    v = kind(v)
+    what = "an integer" if kind is int else "a number"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _bad(f"'{key}' must be {what}", key)
+    if isinstance(v, float) and not math.isfinite(v):
+        raise _bad(f"'{key}' must be a finite number", key)
+    if kind is int and isinstance(v, float):
+        if not v.is_integer():
+            raise _bad(f"'{key}' must be {what}", key)
+        v = int(v)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         raise _bad(f"'{key}' must be between {lo} and {hi}" if hi is not None else f"'{key}' must be >= {lo}", key)
-    return v
+    return float(v) if kind is float else v
+
+
+def _text(text: str, param: str) -> str:
+    """Prompt text from a request. JSON's \\ud800 escapes give Python strings that UTF-8 (and so the
+    tokenizer) cannot encode; an <image> in text would be taken for an image's place."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad("the text contains a lone surrogate (an unpaired \\ud800-\\udfff escape)", param) from None
+    if IMAGE_MARKER in text:
+        raise _bad(f"text must not contain {IMAGE_MARKER}: send images as image parts", param)
+    return text
 
 
 def _parts(content, param: str) -> list[tuple[str, str]]:
     """Message content -> [("text", s) | ("image", url)]."""
     if isinstance(content, str):
-        return [("text", content)]
+        return [("text", _text(content, param))]
     if not isinstance(content, list):
         raise _bad("message content must be a string or a list of parts", param)
     out = []
@@ -57,7 +80,7 @@ def _parts(content, param: str) -> list[tuple[str, str]]:
         if kind in ("text", "input_text"):
             if not isinstance(part.get("text"), str):
                 raise _bad(f"a {kind} part needs a string 'text'", p)
-            out.append(("text", part["text"]))
+            out.append(("text", _text(part["text"], p)))
         elif kind in ("image_url", "input_image"):
             ref = part.get("image_url")
             url = ref.get("url") if isinstance(ref, dict) else ref
@@ -86,11 +109,8 @@ def _prompt_from_messages(messages, param: str, system_extra: str | None = None)
     for kind, value in _parts(last_user[1], f"{param}[{last_user[0]}].content"):
         if kind == "image":
             images.append((value, f"{param}[{last_user[0]}].content"))
-            pieces.append("<image>")
+            pieces.append(IMAGE_MARKER)
         else:
-            if "<image>" in value:
-                raise _bad("text parts must not contain <image>: send images as image parts",
-                           f"{param}[{last_user[0]}].content")
             pieces.append(value)
     if not images:
         raise _bad("an image is required: DeepSeek-OCR reads images (send an image_url part)", param)
@@ -107,7 +127,7 @@ def _sampling(body: dict, defaults: dict, max_key: str | tuple[str, ...]) -> tup
         if v is not None:
             max_new = v
     ngram = _number(body, "no_repeat_ngram_size", int, 0, 1000, defaults["no_repeat_ngram_size"])
-    seed = _number(body, "seed", int, None, None, None if int(defaults["seed"]) < 0 else int(defaults["seed"]))
+    seed = _number(body, "seed", int, 0, None, None if int(defaults["seed"]) < 0 else int(defaults["seed"]))
     mode = body.get("mode", defaults["mode"])
     if not isinstance(mode, str):
         raise _bad("'mode' must be a string", "mode")
@@ -143,7 +163,7 @@ def parse_chat(body, defaults: dict) -> ParsedRequest:
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise _bad("'stream_options' must be an object", "stream_options")
-    return ParsedRequest(prompt, images, sampling, mode, body.get("stream", False), _stop(body),
+    return ParsedRequest(prompt, images, sampling, mode, "messages", body.get("stream", False), _stop(body),
                          bool(opts.get("include_usage", False)))
 
 
@@ -152,12 +172,14 @@ def parse_responses(body, defaults: dict) -> ParsedRequest:
     inp, instructions = body.get("input"), body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise _bad("'instructions' must be a string", "instructions")
+    if instructions is not None:
+        _text(instructions, "instructions")
     if isinstance(inp, str):
         raise _bad("an image is required: DeepSeek-OCR reads images (send input as a message with an input_image part)",
                    "input")
     prompt, images = _prompt_from_messages(inp, "input", instructions)
     sampling, mode = _sampling(body, defaults, "max_output_tokens")
-    return ParsedRequest(prompt, images, sampling, mode, body.get("stream", False))
+    return ParsedRequest(prompt, images, sampling, mode, "input", body.get("stream", False))
 
 
 # ---------------------------------------------------------------- responses out

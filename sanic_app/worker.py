@@ -1,8 +1,12 @@
 """One engine, one worker thread, a bounded FIFO queue.
 
-Generation runs off the event loop; each job streams its events back to its handler through
-an asyncio queue. A job whose client went away is cancelled: skipped if it has not started, and
-stopped between tokens if it has, so the next request is served at once.
+A request reserves its place in the queue before its images are fetched or decoded, so a full
+queue is a 503 at once and costs nothing; the place is released if the request fails before it is
+queued. Queued jobs hold their images encoded; the worker decodes a job's images right before
+running it, so one job's pixels are alive at a time. Generation runs off the event loop; each job
+streams its events back to its handler through an asyncio queue. A job whose client went away is
+cancelled: skipped if it has not started, and stopped between tokens if it has, so the next
+request is served at once.
 """
 from __future__ import annotations
 
@@ -14,14 +18,21 @@ import time
 from dataclasses import dataclass, field
 
 from dsocr.runtime.engine import OcrEngine, OcrRequest
-from dsocr.runtime.generate import GenerationResult
+from dsocr.runtime.errors import InputError
+from dsocr.runtime.generate import GenerationResult, SamplingParams
+from dsocr.runtime.preprocess import ViewConfig
+from dsocr.sanic_app.errors import APIError
+from dsocr.sanic_app.images import EncodedImage
 
 log = logging.getLogger("dsocr.server")
 
 
 @dataclass
 class Job:
-    request: OcrRequest
+    images: list[EncodedImage]
+    prompt: str
+    view: ViewConfig
+    sampling: SamplingParams
     loop: asyncio.AbstractEventLoop
     rid: str
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -46,13 +57,22 @@ class EngineWorker:
         self.thread = threading.Thread(target=self._run, name="dsocr-engine", daemon=True)
         self.thread.start()
 
-    def submit(self, job: Job) -> bool:
+    def reserve(self) -> bool:
+        """A place in the queue for a job about to be made; False when the queue is full."""
         with self.lock:
             if self.waiting >= self.max_queue:
                 return False
             self.waiting += 1
-        self.jobs.put(job)
         return True
+
+    def release(self) -> None:
+        """Gives back a reserved place whose job was never submitted."""
+        with self.lock:
+            self.waiting -= 1
+
+    def submit(self, job: Job) -> None:
+        """Queues a job into the place reserved for it."""
+        self.jobs.put(job)
 
     def stop(self) -> None:
         self.jobs.put(None)
@@ -75,7 +95,8 @@ class EngineWorker:
     def _generate(self, job: Job) -> None:
         job.started = time.perf_counter()
         try:
-            for delta in self.engine.stream(job.request, job.result, cancelled=job.cancelled.is_set):
+            request = OcrRequest([image.decode() for image in job.images], job.prompt, job.view, job.sampling)
+            for delta in self.engine.stream(request, job.result, cancelled=job.cancelled.is_set):
                 if job.first_token is None:
                     job.first_token = time.perf_counter()
                 job.emit("delta", delta)
@@ -88,5 +109,4 @@ class EngineWorker:
 
 
 def _user_error(e: Exception) -> bool:
-    from dsocr.runtime.errors import InputError
-    return isinstance(e, InputError)
+    return isinstance(e, (InputError, APIError))
