@@ -105,7 +105,8 @@ class Sampler:
                 logits[t] = -np.inf
         if self.p.greedy:
             return int(np.argmax(logits))
-        z = (logits - logits.max()) / self.p.temperature     # shifted first: a tiny temperature cannot overflow
+        with np.errstate(over="ignore"):   # shifted first: the top logit is 0, a tiny temperature sends the rest to -inf
+            z = (logits - logits.max()) / self.p.temperature
         if self.p.top_k > 0 and self.p.top_k < z.size:
             kth = np.partition(z, -self.p.top_k)[-self.p.top_k]
             z[z < kth] = -np.inf
