@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import io
 import ipaddress
 import socket
@@ -109,17 +110,27 @@ def is_public_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool
     return ip.is_global and not ip.is_multicast
 
 
-async def _check_host(host: str, port: int, policy: FetchPolicy, param: str) -> None:
+async def resolve(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [addr[0] for *_, addr in infos]
+
+
+async def _checked_address(host: str, port: int, policy: FetchPolicy, param: str) -> str | None:
+    """The address to connect to, every address the host resolves to having been checked (None when
+    private URLs are allowed: httpx resolves as usual)."""
     if policy.allow_private:
-        return
+        return None
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = await resolve(host, port)
     except (socket.gaierror, UnicodeError):      # UnicodeError: a host IDNA cannot encode (an empty label)
         raise _bad(f"cannot resolve {host!r}", param) from None
-    for *_, addr in infos:
-        ip = ipaddress.ip_address(addr[0])
+    for a in addresses:
+        ip = ipaddress.ip_address(a)
         if not is_public_address(ip):
             raise _bad(f"{host} resolves to a non-public address ({ip}); image URLs must be public", param)
+    if not addresses:
+        raise _bad(f"cannot resolve {host!r}", param)
+    return addresses[0]
 
 
 def _host_port(url: str, param: str) -> tuple[str, int]:
@@ -136,9 +147,16 @@ def _host_port(url: str, param: str) -> tuple[str, int]:
 
 async def _fetch_once(client: httpx.AsyncClient, url: str, policy: FetchPolicy, param: str) -> bytes | str:
     """The image's bytes, or the URL a redirect points to."""
-    await _check_host(*_host_port(url, param), policy, param)
+    host, port = _host_port(url, param)
+    address = await _checked_address(host, port, policy, param)
     try:
-        async with client.stream("GET", url) as r:
+        request = client.build_request("GET", url)
+        if address is not None:
+            # connect to the address just checked: a second DNS answer (rebinding) must not pick another.
+            # The Host header keeps the name; TLS checks the certificate against it (SNI).
+            request.url = request.url.copy_with(host=address)
+            request.extensions["sni_hostname"] = host
+        async with contextlib.aclosing(await client.send(request, stream=True)) as r:
             if r.is_redirect:
                 return urljoin(url, r.headers.get("location", ""))
             if r.status_code != 200:

@@ -377,3 +377,27 @@ def test_model_ids_with_a_slash(hardened):
     assert client.models.retrieve(SLASH_MODEL).id == SLASH_MODEL
     assert httpx.get(base + "/v1/models/org%2Ftiny-ocr").json()["id"] == SLASH_MODEL
     assert_error(httpx.get(base + "/v1/models/org/other"), 404, "does not exist", param="model")
+
+
+def test_fetch_connects_to_the_address_it_checked(images, monkeypatch):
+    """DNS rebinding: the name is resolved once, checked, and that address is connected to; httpx's own
+    resolver never runs (here it could not resolve the name at all). The Host header keeps the name."""
+    import asyncio
+
+    from dsocr.sanic_app import images as fetch
+
+    port = int(images.rsplit(":", 1)[1])
+    answers = []
+
+    async def resolve_once(host, port_):
+        answers.append(host)
+        return ["127.0.0.1"]
+    monkeypatch.setattr(fetch, "resolve", resolve_once)
+    monkeypatch.setattr(fetch, "is_public_address", lambda ip: str(ip) == "127.0.0.1")
+    policy = fetch.FetchPolicy(allow_private=False, max_pixels=10**7, fetch_timeout=10, request_fetch_timeout=10)
+
+    async def get():
+        loop = asyncio.get_running_loop()
+        return await fetch.fetch_url(f"http://rebind.invalid:{port}/page.png", policy, "image", loop.time() + 10)
+    assert asyncio.run(get()) == IMAGE.read_bytes()
+    assert answers == ["rebind.invalid"]
