@@ -1,10 +1,12 @@
-"""Model-file subcommands: convert, quantize, info, pull."""
+"""Model-file subcommands: convert, quantize, info, pull, models."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 from pathlib import Path
+
+from dsocr.cli.output import human_bytes, print_table, summarize_written
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,32 +35,106 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(run=cmd_info)
 
-    p = sub.add_parser("pull", help="download a checkpoint from the Hugging Face Hub and verify it")
-    p.add_argument("repo", nargs="?", default=None, help="hub repo id (default deepseek-ai/DeepSeek-OCR)")
-    p.add_argument("--revision")
+    p = sub.add_parser("pull", help="download a checkpoint, or a ready-made GGUF pair, from the Hugging Face Hub",
+                       description="Download from the Hugging Face Hub into its cache and verify the files. A "
+                       "checkpoint repo (default deepseek-ai/DeepSeek-OCR) is then converted with `dsocr convert`; a "
+                       "GGUF repo, ORG/NAME:QUANT as llama.cpp's -hf takes it, is linked into the models folder, "
+                       "ready to run. The cache answers when HF_HUB_OFFLINE=1 is set or the hub cannot be reached.",
+                       epilog="example: dsocr pull ggml-org/DeepSeek-OCR-GGUF:Q8_0")
+    p.add_argument("repo", nargs="?", default=None, metavar="REPO[:QUANT]",
+                   help="hub repo id (default deepseek-ai/DeepSeek-OCR); :QUANT picks a GGUF repo's files")
+    p.add_argument("--revision", help="branch, tag or commit")
+    p.add_argument("--config", metavar="FILE", help="config.toml, for the models folder")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=cmd_pull)
 
+    p = sub.add_parser("models", help="list the models in the models folder (`models rm NAME` removes one)",
+                       description="The GGUF pairs in the models folder (config.toml's [models] dir) and the "
+                       "config entries; ENTRY marks the active one with *. A NAME here works as --model NAME.")
+    p.add_argument("--config", metavar="FILE", help="config.toml (default: $DSOCR_CONFIG or the user config dir)")
+    p.set_defaults(run=cmd_models)
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+    rm = actions.add_parser("rm", help="remove a model (its LM file, and its mmproj unless another model uses it)")
+    rm.add_argument("name", metavar="NAME", help="a NAME or ENTRY from `dsocr models`")
+    # SUPPRESS: without it rm's unset --config would undo `dsocr models --config FILE rm NAME`'s
+    rm.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                    help="config.toml (default: $DSOCR_CONFIG or the user config dir)")
+    rm.set_defaults(run=cmd_models_rm)
+
 
 def cmd_convert(args) -> int:
-    from dsocr.cli.main import summarize_written
-    from dsocr.convert import convert_checkpoint
-    files = convert_checkpoint(args.src, args.outdir, args.outtype, args.mmproj_outtype, args.name,
-                               args.revision, progress=not args.no_progress)
+    from dsocr.cli.models import cache_hint, fetch_checkpoint, say
+    from dsocr.convert import ConvertError, convert_checkpoint
+    from dsocr.convert.hub import parse_hub_ref, plan_download
+    src, download, ref = args.src, None, parse_hub_ref(args.src)
+    if ref is not None:
+        try:
+            download = plan_download(ref, args.revision)
+        except ConvertError as e:   # `a/b` is also a relative path: say that it is not one either
+            raise ConvertError(f"{args.src}: no such folder, and as a hub repo: {e}") from None
+        src = fetch_checkpoint(download, not args.no_progress, f"converting it into {args.outdir}", Path(args.outdir))
+    files = convert_checkpoint(src, args.outdir, args.outtype, args.mmproj_outtype, args.name,
+                               progress=not args.no_progress)
     summarize_written(files)
+    if download:
+        say(cache_hint(download))
     return 0
 
 
 def cmd_quantize(args) -> int:
-    from dsocr.cli.main import summarize_written
     from dsocr.convert import requantize
     summarize_written([requantize(args.input, args.output, args.type, progress=not args.no_progress)])
     return 0
 
 
+def _settings(args):
+    from dsocr.cli.config import ConfigError, load_settings
+    from dsocr.runtime.errors import InputError
+    try:
+        return load_settings(args.config)
+    except ConfigError as e:
+        raise InputError(str(e)) from None
+
+
 def cmd_pull(args) -> int:
-    from dsocr.convert import DEFAULT_REPO, pull
-    print(pull(args.repo or DEFAULT_REPO, args.revision, progress=not args.no_progress))
+    from dsocr.cli.models import fetch_checkpoint, pull_gguf, say
+    from dsocr.convert import ConvertError, DEFAULT_REPO
+    from dsocr.convert.hub import parse_hub_ref, plan_download
+    src = args.repo or DEFAULT_REPO
+    ref = parse_hub_ref(src)
+    if ref is None:
+        raise ConvertError(f"{src}: not a hub repo id (ORG/NAME, or ORG/NAME:QUANT for a GGUF repo); "
+                           "a local checkpoint folder goes to `dsocr convert` instead")
+    download = plan_download(ref, args.revision)
+    progress = not args.no_progress
+    if download.gguf:
+        lm, mm = pull_gguf(download, _settings(args).models_dir(), progress)
+        print(lm)
+        print(mm)
+        say(f"run it: dsocr ocr --model {lm.stem} IMAGE")
+    else:
+        folder = fetch_checkpoint(download, progress)
+        print(folder)
+        say(f"convert it: dsocr convert {folder} -o MODELS_DIR")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from dsocr.cli.models import model_rows
+    settings = _settings(args)
+    rows = model_rows(settings)
+    if len(rows) == 1:
+        print(f"no models in {settings.models_dir()} yet; `dsocr pull ggml-org/DeepSeek-OCR-GGUF:Q8_0`, or the "
+              "first `dsocr ocr`, fetches one")
+        return 0
+    print_table(rows)
+    return 0
+
+
+def cmd_models_rm(args) -> int:
+    from dsocr.cli.models import remove_model
+    removed = remove_model(_settings(args), args.name)
+    print(f"removed {', '.join(str(p) for p in removed)}")
     return 0
 
 
@@ -84,7 +160,6 @@ def describe_gguf(path: Path) -> dict:
 
 
 def cmd_info(args) -> int:
-    from dsocr.cli.main import human_bytes, print_table
     info = describe_gguf(Path(args.file))
     if args.json:
         print(json.dumps(info, indent=1))

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from dsocr.runtime.engine import DEFAULT_PROMPT
+from dsocr.cli.output import RunOutputs, compile_notice, table_text
+from dsocr.runtime.engine import DEFAULT_PROMPT, PROMPTS
 from dsocr.runtime.errors import InputError
+from dsocr.runtime.grounding import parse, save_outputs
+from dsocr.runtime.preprocess import MODES, ViewConfig, candidate_grids, image_token_count
 
 
 def _bool(v: str) -> bool:
@@ -24,37 +26,77 @@ def _bool(v: str) -> bool:
 def add_inference_flags(p: argparse.ArgumentParser) -> None:
     """Vision and decoding flags shared by `ocr` and `serve` (defaults come from config.toml)."""
     g = p.add_argument_group("vision")
-    g.add_argument("--mode", choices=["tiny", "small", "base", "large", "gundam"])
-    g.add_argument("--base-size", type=int)
-    g.add_argument("--image-size", type=int)
-    g.add_argument("--crop-mode", type=_bool, metavar="true|false")
-    g.add_argument("--max-pixels", type=int, help="refuse larger images (decompression-bomb guard)")
+    g.add_argument("--mode", choices=list(MODES), help="view sizes, see `modes` below")
+    g.add_argument("--base-size", type=int, metavar="PX", help="global view side in pixels (0: the mode's)")
+    g.add_argument("--image-size", type=int, metavar="PX", help="tile side in pixels (0: the mode's)")
+    g.add_argument("--crop-mode", type=_bool, metavar="true|false", help="cut tiles (unset: the mode's)")
+    g.add_argument("--max-pixels", type=int, metavar="N", help="refuse larger images (decompression-bomb guard)")
     g = p.add_argument_group("decoding")
-    g.add_argument("--max-new-tokens", type=int, help="at least 1")
-    g.add_argument("--temperature", type=float, help=">= 0; 0 is greedy")
-    g.add_argument("--top-p", type=float, help="0 to 1; 0 is greedy (only the likeliest token)")
-    g.add_argument("--top-k", type=int, help=">= 0; 0 keeps every token")
-    g.add_argument("--seed", type=int, help="sampling seed (< 0: random)")
-    g.add_argument("--no-repeat-ngram-size", type=int, help="windowed n-gram blocking size (0 disables)")
-    g.add_argument("--ngram-window", type=int, help=">= 0")
+    g.add_argument("-n", "--max-new-tokens", type=int, metavar="N", help="the most tokens to generate, at least 1")
+    g.add_argument("--temperature", type=float, metavar="T", help=">= 0; 0 is greedy")
+    g.add_argument("--top-p", type=float, metavar="P", help="0 to 1; 0 is greedy (only the likeliest token)")
+    g.add_argument("--top-k", type=int, metavar="K", help=">= 0; 0 keeps every token")
+    g.add_argument("--seed", type=int, metavar="N", help="sampling seed (< 0: random)")
+    g.add_argument("--no-repeat-ngram-size", type=int, metavar="N", help="windowed n-gram blocking size (0 disables)")
+    g.add_argument("--ngram-window", type=int, metavar="N", help=">= 0")
     g = p.add_argument_group("runtime")
-    g.add_argument("--threads", type=int, help="CPU threads, at least 1 (default: all cores; also DSOCR_THREADS)")
+    g.add_argument("-t", "--threads", type=int, metavar="N",
+                   help="CPU threads, at least 1 (0 in config.toml or DSOCR_THREADS: all cores)")
     g.add_argument("--device", choices=["cpu", "cuda"])
-    g.add_argument("--model", help="language-model GGUF, or a folder holding the pair")
-    g.add_argument("--mmproj", help="vision GGUF (default: the mmproj-*.gguf beside the model)")
-    g.add_argument("--config", help="config.toml (default: $DSOCR_CONFIG or the user config dir)")
+    g.add_argument("-m", "--model", metavar="PATH", help="language-model GGUF, or a folder holding the pair (default: "
+                   "the models.active entry of config.toml, fetched and converted on first use)")
+    g.add_argument("--mmproj", metavar="PATH", help="vision GGUF (default: the mmproj-*.gguf beside the model)")
+    g.add_argument("--config", metavar="FILE", help="config.toml (default: $DSOCR_CONFIG or the user config dir)")
+
+
+def modes_help() -> str:
+    """What each --mode means: its views and the prompt tokens one image takes (as the context counts them)."""
+    rows = []
+    for name, (base, size, crop) in MODES.items():
+        view = ViewConfig(base, size, crop)
+        whole = image_token_count(view, (1, 1))
+        if crop:
+            tiled = [image_token_count(view, grid) for grid in candidate_grids()]
+            rows.append([name, f"{base}x{base} global view + 2-9 {size}x{size} tiles",
+                         f"{min(tiled)}-{max(tiled)} tokens ({whole} when the image fits one tile)"])
+        else:
+            rows.append([name, f"{size}x{size} view, no tiles", f"{whole} tokens"])
+    return "modes (views, and the prompt tokens one image takes):\n" + table_text(rows, indent="  ")
+
+
+def tasks_help() -> str:
+    rows = [[f"--task {t}" if t != "locate" else "--locate TEXT", json.dumps(p.replace("{}", "TEXT"))]
+            for t, p in PROMPTS.items()]
+    rows[0][1] += "  (the default)"
+    return "prompts (the official ones; --prompt TEXT or --prompt-file FILE for any other):\n" + \
+        table_text(rows, indent="  ")
+
+
+OCR_EXAMPLES = """\
+examples:
+  dsocr ocr page.png                          markdown with layout tags, streamed to stdout
+  dsocr ocr scan.pdf --pages 1-3 -o out       PDF pages; out/result.md, per page boxes.png and crops
+  dsocr ocr photo.jpg --task free -q          plain text only, nothing on stderr
+  dsocr ocr form.png --locate "the total"     boxes of one thing
+  dsocr ocr page.png --json --mode base       one JSON object: text, regions, tokens, timings
+  dsocr ocr page.png -m models/ -n 2048 -t 4  the pair in models/, at most 2048 tokens, 4 threads"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ocr", help="OCR images or PDF pages")
+    p = sub.add_parser("ocr", help="OCR images or PDF pages", description="OCR images or PDF pages: text to "
+                       "stdout (or --json), progress on stderr.",
+                       epilog="\n\n".join([modes_help(), tasks_help(), OCR_EXAMPLES]))
     p.add_argument("inputs", nargs="*", metavar="IMAGE", help="image or PDF files")
     p.add_argument("--image", action="append", default=[], metavar="FILE", help="an image or PDF (repeatable)")
     pr = p.add_mutually_exclusive_group()
-    pr.add_argument("--prompt", help=f"default: {DEFAULT_PROMPT!r}")
-    pr.add_argument("--prompt-file", help="read the prompt from a file")
-    p.add_argument("--pages", help="PDF pages, e.g. 1-3,7 (default: all)")
+    pr.add_argument("-p", "--prompt", metavar="TEXT", help="the prompt (default: --task markdown's)")
+    pr.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a file")
+    pr.add_argument("--task", choices=[t for t in PROMPTS if t != "locate"], help="an official prompt, see below")
+    pr.add_argument("--locate", metavar="TEXT", help="find TEXT in the image (the official locate prompt)")
+    p.add_argument("--pages", metavar="RANGES", help="PDF pages, e.g. 1-3,7 (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    p.add_argument("--output-dir", help="write result.md, result.mmd, boxes.png and images/ there")
+    p.add_argument("-o", "--output-dir", metavar="DIR", help="write result.md, result.mmd, boxes.png and images/ "
+                   "there (what an earlier run wrote there is removed first)")
     add_inference_flags(p)
     p.set_defaults(run=cmd_ocr)
 
@@ -66,31 +108,17 @@ def cli_overrides(args) -> dict:
     return {"inference": inf, "models": {"model": getattr(args, "model", None), "mmproj": getattr(args, "mmproj", None)}}
 
 
-def setting_name(args, settings, key: str) -> str:
-    """Where inference.<key> came from, for error messages: its flag, its DSOCR_* variable or the config file."""
-    from dsocr.cli.config import ENV
-    if getattr(args, key, None) is not None:
-        return "--" + key.replace("_", "-")
-    env = [v for v, (section, k, _) in ENV.items() if (section, k) == ("inference", key) and os.environ.get(v)]
-    return env[0] if env else f"inference.{key} in {settings.path}"
-
-
-def _number(inf: dict, key: str, typ, name):
-    try:
-        return typ(inf[key])
-    except (TypeError, ValueError):
-        raise InputError(f"{name(key)} must be a number, not {inf[key]!r}") from None
-
-
-def view_config(inf: dict, name=lambda key: key):
+def view_config(inf: dict):
+    """The views of inf["mode"]; base_size, image_size (0: the mode's) and crop_mode (None: the mode's)
+    override it."""
     from dsocr.runtime.preprocess import ViewConfig
     cfg = ViewConfig.from_mode(inf["mode"])
-    if inf.get("base_size"):
-        cfg.base_size = _number(inf, "base_size", int, name)
-    if inf.get("image_size"):
-        cfg.image_size = _number(inf, "image_size", int, name)
-    if inf.get("crop_mode") not in ("", None):
-        cfg.crop_mode = inf["crop_mode"] if isinstance(inf["crop_mode"], bool) else _bool(str(inf["crop_mode"]))
+    if inf["base_size"]:
+        cfg.base_size = inf["base_size"]
+    if inf["image_size"]:
+        cfg.image_size = inf["image_size"]
+    if inf["crop_mode"] is not None:
+        cfg.crop_mode = inf["crop_mode"]
     cfg.validate()
     return cfg
 
@@ -98,35 +126,30 @@ def view_config(inf: dict, name=lambda key: key):
 def sampling_params(inf: dict, name=lambda key: key):
     """Decoding parameters from the merged settings, range-checked by SamplingParams.validate."""
     from dsocr.runtime.generate import SamplingParams
-    n = _number(inf, "no_repeat_ngram_size", int, name)
-    seed = _number(inf, "seed", int, name)
-    params = SamplingParams(max_new_tokens=_number(inf, "max_new_tokens", int, name),
-                            temperature=_number(inf, "temperature", float, name),
-                            top_p=_number(inf, "top_p", float, name), top_k=_number(inf, "top_k", int, name),
-                            seed=None if seed < 0 else seed, no_repeat_ngram_size=n,
-                            ngram_window=_number(inf, "ngram_window", int, name), ngram_mode="window" if n > 0 else "off")
+    n = inf["no_repeat_ngram_size"]
+    params = SamplingParams(max_new_tokens=inf["max_new_tokens"], temperature=inf["temperature"], top_p=inf["top_p"],
+                            top_k=inf["top_k"], seed=None if inf["seed"] < 0 else inf["seed"], no_repeat_ngram_size=n,
+                            ngram_window=inf["ngram_window"], ngram_mode="window" if n > 0 else "off")
     params.validate(name)
     return params
 
 
-def thread_count(args, inf: dict, name) -> int | None:
+def thread_count(settings) -> int | None:
     """None: all cores. On the command line --threads is at least 1 (leave it out for all cores); in the
     config and DSOCR_THREADS 0 means all cores."""
-    threads = _number(inf, "threads", int, name)
-    least = 1 if args.threads is not None else 0
+    threads = settings["inference"]["threads"]
+    least = 1 if settings.source("inference", "threads") == "flag" else 0
     if threads < least:
-        raise InputError(f"{name('threads')} must be at least {least}, not {threads}")
+        raise InputError(f"{settings.where('inference', 'threads')} must be at least {least}, not {threads}")
     return threads or None
 
 
-def checked_inference(args, settings):
-    """(view config, sampling params, threads) from flags, environment and config, every range checked
-    before any work; an error names the flag (or variable, or config key) the bad value came from."""
+def checked_inference(settings):
+    """(view config, sampling params, threads) from flags, environment and config (their types already
+    checked by load_settings), every range checked before any work; an error names the flag (or
+    variable, or config key) the bad value came from."""
     inf = settings["inference"]
-
-    def name(key):
-        return setting_name(args, settings, key)
-    return view_config(inf, name), sampling_params(inf, name), thread_count(args, inf, name)
+    return view_config(inf), sampling_params(inf, lambda key: settings.where("inference", key)), thread_count(settings)
 
 
 def writable_dir(path: Path) -> Path:
@@ -137,45 +160,6 @@ def writable_dir(path: Path) -> Path:
     except OSError as e:
         raise InputError(f"--output-dir {path}: cannot write there ({e.strerror or e})") from None
     return path
-
-
-def resolve_model(settings, progress: bool = True) -> tuple[Path, Path | None]:
-    """--model / DSOCR_MODEL, else the configured active entry (pulled and converted once if missing)."""
-    from dsocr.runtime.errors import ModelError
-    m = settings["models"]
-    if m.get("model"):
-        return Path(m["model"]), Path(m["mmproj"]) if m.get("mmproj") else None
-    entry = settings.active_entry()
-    if not entry:
-        raise ModelError(f"no --model given and no models.entries.{m.get('active')} in {settings.path}")
-    d = settings.models_dir()
-    lm = Path(entry.get("model", "")).expanduser()
-    lm = lm if lm.is_absolute() else d / lm
-    mm = Path(entry["mmproj"]).expanduser() if entry.get("mmproj") else None
-    mm = mm if mm is None or mm.is_absolute() else d / mm
-    if lm.is_file() and (mm is None or mm.is_file()):
-        return lm, mm
-    return bootstrap_default_model(entry, d, lm, mm, progress)
-
-
-def bootstrap_default_model(entry: dict, models_dir: Path, lm: Path, mm: Path | None, progress: bool):
-    """First run: pull the checkpoint and convert it (Q8_0 language model, F16 mmproj) into models_dir."""
-    from dsocr.convert import ConvertError, DEFAULT_REPO, convert_checkpoint, pull
-    from dsocr.convert.hub import offline
-    from dsocr.runtime.errors import ModelError
-    repo = entry.get("repo", DEFAULT_REPO)
-    hint = ("pass --model PATH (a language-model GGUF or a folder with the GGUF pair), or convert a local "
-            "checkpoint with `dsocr convert CHECKPOINT -o MODELS_DIR`")
-    if offline():
-        raise ModelError(f"no model at {lm} and HF_HUB_OFFLINE is set: {hint}")
-    print(f"dsocr: first run: fetching {repo} and converting it into {models_dir} (once)", file=sys.stderr)
-    try:
-        folder = pull(repo, progress=progress)
-        files = convert_checkpoint(folder, models_dir, "q8_0", "f16", name=lm.stem.rsplit("-", 1)[0],
-                                   progress=progress)
-    except ConvertError as e:
-        raise ModelError(f"no model at {lm} ({e}); {hint}") from None
-    return files[0].path, files[1].path
 
 
 class VisionProgress:
@@ -209,8 +193,25 @@ def expand_inputs(paths: list[str], pages: str | None, max_pixels: int):
     return [("", [read_image_file(p, max_pixels) for p in paths])], False
 
 
+def chosen_prompt(args) -> str:
+    """--prompt, --prompt-file, --task or --locate (argparse lets one through), else the default."""
+    if args.prompt is not None:
+        return args.prompt
+    if args.task:
+        return PROMPTS[args.task]
+    if args.locate is not None:
+        return PROMPTS["locate"].format(args.locate)
+    if args.prompt_file:
+        try:
+            return Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{args.prompt_file}: cannot read the prompt ({e})") from None
+    return DEFAULT_PROMPT
+
+
 def cmd_ocr(args) -> int:
     from dsocr.cli.config import ConfigError, load_settings
+    from dsocr.cli.models import resolve_model
     from dsocr.runtime.engine import OcrEngine, OcrRequest
     from dsocr.runtime.generate import GenerationResult
     try:
@@ -218,55 +219,62 @@ def cmd_ocr(args) -> int:
     except ConfigError as e:
         raise InputError(str(e)) from None
     inf = settings["inference"]
-    view, sampling, threads = checked_inference(args, settings)
-    prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
-    if args.prompt_file:
-        try:
-            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"{args.prompt_file}: cannot read the prompt ({e})") from None
-    docs, paged = expand_inputs(list(args.inputs) + list(args.image), args.pages, int(inf["max_pixels"]))
+    view, sampling, threads = checked_inference(settings)
+    prompt = chosen_prompt(args)
+    docs, paged = expand_inputs(list(args.inputs) + list(args.image), args.pages, inf["max_pixels"])
     outdir = writable_dir(Path(args.output_dir)) if args.output_dir else None
-    lm, mm = resolve_model(settings)
-    engine = OcrEngine(lm, mm, device=inf["device"], threads=threads)
+    outputs = RunOutputs(outdir) if outdir else None
+    lm, mm = resolve_model(settings, progress=not args.quiet)
     results = []
-    for i, (label, images) in enumerate(docs):
-        if paged and not args.json:
-            print(("\n\n" if i else "") + f"<!-- {label} -->\n", end="", flush=True)
-        result = GenerationResult()
-        req = OcrRequest(images, prompt, view, sampling)
-        progress = VisionProgress(f"{label}: " if label else "")
-        for delta in engine.stream(req, result, progress=progress):
-            if not args.json:
-                sys.stdout.write(delta)
-                sys.stdout.flush()
-        results.append((label, images, result))
-        if outdir:
-            from dsocr.runtime.grounding import save_outputs
-            save_outputs(outdir / label.replace(" ", "-") if paged else outdir, images[0], result.text)
+    with compile_notice(enabled=not args.quiet):
+        engine = OcrEngine(lm, mm, device=inf["device"], threads=threads)
+        if outputs:
+            outputs.clear_previous()      # only once the model loaded: a refused run leaves the last results
+        for i, (label, images) in enumerate(docs):
+            if paged and not args.json:
+                print(("\n\n" if i else "") + f"<!-- {label} -->\n", end="", flush=True)
+            result = GenerationResult()
+            req = OcrRequest(images, prompt, view, sampling)
+            progress = None if args.quiet else VisionProgress(f"{label}: " if label else "")
+            for delta in engine.stream(req, result, progress=progress):
+                if not args.json:
+                    sys.stdout.write(delta)
+                    sys.stdout.flush()
+            results.append((label, images, result))
+            if outputs:
+                outputs.add(save_outputs(outdir / page_folder(label) if paged else outdir, images[0], result.text))
     if not args.json:
         print()
-    if paged and outdir:
-        joined = "\n\n".join(f"<!-- {label} -->\n" + (outdir / label.replace(" ", "-") / "result.md").read_text()
+    if paged and outputs:
+        joined = "\n\n".join(f"<!-- {label} -->\n" + (outdir / page_folder(label) / "result.md").read_text()
                              for label, _, _ in results)
         (outdir / "result.md").write_text(joined, encoding="utf-8")
+        outputs.add([outdir / "result.md"])
     if args.json:
-        print(json.dumps(json_report(results, paged), ensure_ascii=False))
+        print(json.dumps(json_report(results, paged, list(args.inputs) + list(args.image)), ensure_ascii=False))
     return 0
 
 
-def result_object(result) -> dict:
+def page_folder(label: str) -> str:
+    return label.replace(" ", "-")       # "page 3" -> page-3/
+
+
+def result_object(result, image) -> dict:
+    """One request's answer; `regions` are the grounding boxes of its text, in pixels of `image` (the
+    request's first) and as the model wrote them (0-999)."""
     t = result.timings
+    regions = parse(result.text, image.width, image.height)
     return {"text": result.text, "token_ids": result.token_ids, "prompt_tokens": result.prompt_tokens,
             "completion_tokens": len(result.token_ids), "finish_reason": result.finish_reason,
-            "timings": {k: round(v, 4) for k, v in t.items()}}
+            "timings": {k: round(v, 4) for k, v in t.items()}, "image_size": [image.width, image.height],
+            "regions": [record for r in regions for record in r.records()]}
 
 
-def json_report(results, paged: bool) -> dict:
+def json_report(results, paged: bool, inputs: list[str]) -> dict:
     if not paged:
-        return result_object(results[0][2])
-    pages = [{"page": int(label.split()[1]), **result_object(r)} for label, _, r in results]
-    return {"text": "\n\n".join(p["text"] for p in pages), "pages": pages,
+        return {"inputs": inputs, **result_object(results[0][2], results[0][1][0])}
+    pages = [{"page": int(label.split()[1]), **result_object(r, images[0])} for label, images, r in results]
+    return {"inputs": inputs, "text": "\n\n".join(p["text"] for p in pages), "pages": pages,
             "prompt_tokens": sum(p["prompt_tokens"] for p in pages),
             "completion_tokens": sum(p["completion_tokens"] for p in pages),
             "finish_reason": pages[-1]["finish_reason"]}

@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 from dsocr.cli.commands_ocr import add_inference_flags, cli_overrides
+from dsocr.cli.output import compile_notice
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host")
     g.add_argument("--port", type=int)
-    g.add_argument("--model-id", help="the name clients use as `model` (default deepseek-ocr)")
+    g.add_argument("--model-id", help="the name clients use as `model`")
     g.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/*")
     g.add_argument("--max-queue", type=int, help="requests allowed to wait; more get 503")
     g.add_argument("--max-body-mb", type=int, help="largest request body (images are inline)")
@@ -27,12 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args) -> int:
-    from dsocr.cli.commands_ocr import resolve_model
+    from dsocr.cli.commands_ocr import checked_inference
+    from dsocr.cli.models import resolve_model
     from dsocr.cli.config import ConfigError, load_settings
     from dsocr.runtime.engine import OcrEngine
     from dsocr.runtime.errors import InputError
-    from dsocr.runtime.preprocess import ViewConfig
-    from dsocr.sanic_app import check_server_settings, create_app
+    from dsocr.sanic_app import create_app
     over = cli_overrides(args)
     over["server"] = {"host": args.host, "port": args.port, "model_id": args.model_id, "api_key": args.api_key,
                       "max_queue": args.max_queue, "max_body_mb": args.max_body_mb,
@@ -43,10 +45,16 @@ def cmd_serve(args) -> int:
     except ConfigError as e:
         raise InputError(str(e)) from None
     inf, srv = settings["inference"], settings["server"]
-    check_server_settings(srv)              # before the model loads: a useless server fails at once
-    ViewConfig.from_mode(inf["mode"]).validate()
-    lm, mm = resolve_model(settings)
-    engine = OcrEngine(lm, mm, device=inf["device"], threads=int(inf["threads"]) or None)
+    # the server's ranges were checked by load_settings, the request defaults here: before the model
+    # loads, so a useless server fails at once
+    _, _, threads = checked_inference(settings)
+    lm, mm = resolve_model(settings, progress=not args.quiet)
+    with compile_notice(enabled=not args.quiet):
+        engine = OcrEngine(lm, mm, device=inf["device"], threads=threads)
+        t0 = time.perf_counter()
+        engine.warm_up()        # every kernel compiled (or loaded from numba's cache) before "serving"
+    if not args.quiet:
+        print(f"dsocr: warmed up in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     app = create_app(engine, settings.data)
 

@@ -4,11 +4,14 @@ user-facing failures become one line on stderr and a non-zero exit (tracebacks o
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import os
 import signal
 import sys
-from collections import Counter
-from dsocr.cli import commands_models, commands_ocr, commands_serve
+from importlib.metadata import version
+
+from dsocr.cli import commands_config, commands_models, commands_ocr, commands_serve
 
 EXIT_ERROR = 1
 
@@ -39,19 +42,93 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsocr", description="DeepSeek-OCR on a laptop: convert, quantize, run.")
-    parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
+EXAMPLES = """\
+examples:
+  dsocr ocr page.png               markdown of one page (the model is fetched and converted on first use)
+  dsocr ocr scan.pdf -o out        every page; out/result.md, boxes.png and image crops per page
+  dsocr serve --port 8080          an OpenAI-compatible server
+  dsocr ocr --help                 modes, prompts and every flag with its default"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends to each flag that a setting backs its default in effect (built in, from config.toml or
+    from a DSOCR_* variable), read only when help is shown. Epilogs keep their lines."""
+    SECTIONS = ("inference", "server", "models")     # a flag's dest is its key in one of these
+    SECRET = ("api_key",)
+
+    def __init__(self, prog, settings, **kwargs):
+        super().__init__(prog, **kwargs)
+        self.settings = settings
+
+    def default_text(self, action) -> str:
+        settings = self.settings()
+        section = next((s for s in self.SECTIONS if action.dest in settings[s]), None)
+        if section is None or action.dest in self.SECRET or not action.option_strings:
+            return ""
+        value = settings[section][action.dest]
+        if value is None or value == "":
+            return ""
+        source = settings.source(section, action.dest)
+        where = {"default": "", "file": f", from {settings.path.name}"}.get(
+            source, f", from {settings.where(section, action.dest)}")
+        return f"default: {str(value).lower() if isinstance(value, bool) else value}{where}"
+
+    def _format_action(self, action):
+        default = self.default_text(action).replace("%", "%%")     # help strings are %-formatted
+        if default:
+            action = copy.copy(action)
+            action.help = f"{action.help} ({default})" if action.help else default
+        return super()._format_action(action)
+
+
+def help_settings(argv: list[str] | None):
+    """() -> the settings help shows, loaded once on first use from the --config in argv (parsed ahead of
+    the real parse, which has not run when help is printed); a broken config shows the built-in values."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    pre.add_argument("--config")
+    try:
+        config = pre.parse_known_args(argv)[0].config
+    except argparse.ArgumentError:        # e.g. --config without a value: the real parse says so
+        config = None
+
+    @functools.cache
+    def load():
+        from dsocr.cli.config import DEFAULTS, ConfigError, Settings, config_path, load_settings
+        try:
+            return load_settings(config)
+        except ConfigError:
+            return Settings(DEFAULTS, config_path(config))
+    return load
+
+
+def add_common_flags(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("--verbose", action="store_true", default=default, help="show tracebacks on errors")
+    p.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="results only: no progress lines on stderr (errors still show)")
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    formatter = functools.partial(HelpFormatter, settings=help_settings(argv))
+    parser = argparse.ArgumentParser(prog="dsocr", description="DeepSeek-OCR on a laptop: convert, quantize, run.",
+                                     epilog=EXAMPLES, formatter_class=formatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('dsocr')}")
+    add_common_flags(parser, False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands_models.register(sub)
     commands_ocr.register(sub)
     commands_serve.register(sub)
+    commands_config.register(sub)
+    for p in sub.choices.values():
+        p.formatter_class = formatter
+        add_common_flags(p, argparse.SUPPRESS)    # also after the command; unset there keeps the value before it
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
+    if args.quiet and hasattr(args, "no_progress"):
+        args.no_progress = True
     # Sanic shuts the server down on SIGTERM itself.
     previous = {} if args.command == "serve" else \
         {signum: signal.signal(signum, _raise_stopped) for signum in (signal.SIGTERM, signal.SIGHUP)}
@@ -75,37 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-def print_table(rows: list[list[str]], file=sys.stdout) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=file)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GB"
-
-
-def summarize_written(files, out=sys.stdout) -> None:
-    """The conversion summary: per file its tensor types, size and fallbacks."""
-    rows = [["file", "size", "tensors", "types"]]
-    for f in files:
-        types = ", ".join(f"{k} {v}" for k, v in sorted(Counter(f.types).items()))
-        rows.append([str(f.path), human_bytes(f.nbytes), str(len(f.tensors)), types])
-    print_table(rows, out)
-    for f in files:
-        falls = f.fallbacks
-        if falls:
-            print(f"{f.path.name}: {len(falls)} tensor(s) fell back (rows not a multiple of the block):", file=out)
-            by = Counter((t.requested.name, t.qtype.name) for t in falls)
-            for (want, got), n in sorted(by.items()):
-                names = [t.name for t in falls if t.requested.name == want and t.qtype.name == got]
-                print(f"  {want} -> {got}: {n}  ({', '.join(names[:4])}{', ...' if n > 4 else ''})", file=out)
 
 
 if __name__ == "__main__":

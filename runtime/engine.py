@@ -23,8 +23,19 @@ from dsocr.runtime.preprocess import (ViewConfig, build_prompt_ids, image_token_
 from dsocr.runtime.tokenizer import TextTokenizer
 from dsocr.runtime.vision import VisionModel
 
-DEFAULT_PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
 IMAGE_TOKEN = "<image>"
+# The prompts DeepSeek-OCR was trained on (its README); `locate` takes the thing to find.
+PROMPTS = {
+    "markdown": "<image>\n<|grounding|>Convert the document to markdown.",
+    "free": "<image>\nFree OCR.",
+    "figure": "<image>\nParse the figure.",
+    "describe": "<image>\nDescribe this image in detail.",
+    "locate": "<image>\nLocate <|ref|>{}<|/ref|> in the image.",
+}
+DEFAULT_PROMPT = PROMPTS["markdown"]
+# The smallest view SAM and CLIP take (one 64-px feature cell): a blank page this size runs every
+# kernel a real request does, in a fraction of a second once they are compiled.
+WARM_UP_VIEW = ViewConfig(64, 64, crop_mode=False)
 
 
 def find_model_pair(model: str | Path, mmproj: str | Path | None = None) -> tuple[Path, Path]:
@@ -139,6 +150,16 @@ class OcrEngine:
         result.timings.update(timings)
         yield from generate(self.lm, self.tokenizer, self.backend.asarray(embeds), ids, req.sampling, result,
                             cancelled)
+
+    def warm_up(self) -> None:
+        """Runs every kernel once (vision, prefill and a decode step) on a blank page, so numba compiles
+        them, or loads them from its cache, before a real request has to wait for it. The decode step
+        feeds a fixed token: through generate() an end-of-text first token would skip it."""
+        page = Image.new("RGB", (WARM_UP_VIEW.image_size, WARM_UP_VIEW.image_size), "white")
+        embeds, ids = self.prepare(OcrRequest([page], DEFAULT_PROMPT, WARM_UP_VIEW), {})
+        cache = self.lm.new_cache(len(ids) + 1)
+        self.backend.to_host(self.lm.forward(self.backend.asarray(embeds), 0, cache))
+        self.backend.to_host(self.lm.forward(self.lm.embed([self.tokenizer.bos_id]), len(ids), cache))
 
     def run(self, req: OcrRequest) -> GenerationResult:
         result = GenerationResult()

@@ -4,6 +4,9 @@ Coordinates are 0-999 over the original image (the reference maps them with x/99
 Parsing never evaluates the text and never raises: malformed boxes are skipped, unterminated
 tags are dropped from the markdown. Clean markdown replaces `image` regions by links to
 their crops and removes every other span, as the reference's save_results does.
+
+boxes.png labels are sized with the page (a fixed bitmap font is unreadable on a 300-dpi scan)
+and moved along and into their box until they overlap no earlier label.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 SPAN = re.compile(r"<\|ref\|>(.*?)<\|/ref\|><\|det\|>(.*?)<\|/det\|>", re.DOTALL)
@@ -20,6 +24,9 @@ BOX = re.compile(r"\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?
 # possibly unterminated at the end of the text), stray closing tags
 ORPHANS = re.compile(r"<\|ref\|>.*?(?:<\|/ref\|>|$)|<\|det\|>.*?(?:<\|/det\|>|$)|<\|/ref\|>|<\|/det\|>|<\|grounding\|>",
                      re.DOTALL)
+MIN_LABEL_PX = 12
+LABEL_PX_PER_PAGE_PX = 1 / 80    # of the page's longer side: ~40 px (10 pt) on a 300-dpi A4 scan
+LABEL_STEPS = 16                 # spots tried per row and rows per box, so a page of repeats stays quick
 
 
 @dataclass
@@ -27,6 +34,12 @@ class Region:
     label: str
     boxes: list[tuple[int, int, int, int]] = field(default_factory=list)   # pixels, x1 < x2, y1 < y2
     span: str = ""
+    model_boxes: list[list[float]] = field(default_factory=list)   # the same boxes as written, 0-999
+
+    def records(self) -> list[dict]:
+        """One {label, box, model_box} per box, for JSON output."""
+        return [{"label": self.label, "box": list(px), "model_box": raw}
+                for px, raw in zip(self.boxes, self.model_boxes)]
 
 
 def to_pixels(box, width: int, height: int) -> tuple[int, int, int, int] | None:
@@ -41,9 +54,14 @@ def to_pixels(box, width: int, height: int) -> tuple[int, int, int, int] | None:
 def parse(text: str, width: int, height: int) -> list[Region]:
     regions = []
     for m in SPAN.finditer(text):
-        boxes = [b for b in (to_pixels(g, width, height) for g in BOX.findall(m.group(2))) if b]
-        regions.append(Region(m.group(1).strip(), boxes, m.group(0)))
+        pairs = [(to_pixels(g, width, height), [_number(v) for v in g]) for g in BOX.findall(m.group(2))]
+        regions.append(Region(m.group(1).strip(), [px for px, _ in pairs if px], m.group(0),
+                              [raw for px, raw in pairs if px]))
     return regions
+
+
+def _number(v: str) -> float | int:
+    return float(v) if "." in v else int(v)
 
 
 def clean_markdown(text: str, regions: list[Region]) -> str:
@@ -65,41 +83,72 @@ def _color(label: str) -> tuple[int, int, int]:
     return (h[0] % 200, h[1] % 200, 55 + h[2] % 200)
 
 
+def label_px(size: tuple[int, int]) -> int:
+    """The label font's size in pixels for a page of `size`: it grows with the page."""
+    return max(MIN_LABEL_PX, round(max(size) * LABEL_PX_PER_PAGE_PX))
+
+
+def place_labels(regions: list[Region], font, size: tuple[int, int]) -> list[tuple[str, tuple[int, int], tuple]]:
+    """(label, text origin, background rectangle) per box. Each label takes the first spot whose
+    background overlaps no earlier label: along the box's top edge just above it, left to right,
+    then row by row down inside the box (a bounded search; if all are taken, the first spot)."""
+    width, height = size
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    taken = np.empty((0, 4), np.int64)
+    placed = []
+    for r in regions:
+        left, top, right, bottom = measure.textbbox((0, 0), r.label, font=font)
+        pad = max(2, (bottom - top) // 5)        # white around the letters, so neighbours read apart
+        w, h = right - left + 2 * pad, bottom - top + 2 * pad
+        for x1, y1, x2, y2 in r.boxes:
+            xs = np.clip(np.arange(x1, max(x1, x2 - w) + 1, w)[:LABEL_STEPS], 0, max(width - w, 0))
+            ys = np.r_[max(y1 - h, 0), np.arange(y1, max(y1, min(y2, height) - h) + 1, h)[:LABEL_STEPS]]
+            spots = np.array([(x, y, x + w, y + h) for y in ys for x in xs], np.int64)
+            clash = ((spots[:, None, 0] < taken[None, :, 2]) & (taken[None, :, 0] < spots[:, None, 2]) &
+                     (spots[:, None, 1] < taken[None, :, 3]) & (taken[None, :, 1] < spots[:, None, 3])).any(axis=1)
+            rect = spots[int(np.argmin(clash))]          # the first free spot, else the first
+            taken = np.vstack([taken, rect])
+            placed.append((r.label, (int(rect[0]) + pad - left, int(rect[1]) + pad - top),
+                           tuple(int(v) for v in rect)))
+    return placed
+
+
 def draw_boxes(image: Image.Image, regions: list[Region]) -> Image.Image:
     """The page with each region's boxes outlined, lightly filled and labelled."""
     base = image.convert("RGB")
     overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
     fill = ImageDraw.Draw(overlay)
     draw = ImageDraw.Draw(base)
-    font = ImageFont.load_default()
+    px = label_px(base.size)
+    font = ImageFont.load_default(size=px)      # Pillow's own font: no font files needed
+    line = max(2, px // 10)
     for r in regions:
         color = _color(r.label)
         for x1, y1, x2, y2 in r.boxes:
-            draw.rectangle([x1, y1, x2, y2], outline=color, width=4 if r.label == "title" else 2)
+            draw.rectangle([x1, y1, x2, y2], outline=color, width=2 * line if r.label == "title" else line)
             fill.rectangle([x1, y1, x2, y2], fill=color + (28,))
-            ty = max(0, y1 - 15)
-            tb = draw.textbbox((x1, ty), r.label, font=font)
-            draw.rectangle(tb, fill=(255, 255, 255))
-            draw.text((x1, ty), r.label, font=font, fill=color)
-    return Image.alpha_composite(base.convert("RGBA"), overlay).convert("RGB")
+    page = Image.alpha_composite(base.convert("RGBA"), overlay).convert("RGB")
+    draw = ImageDraw.Draw(page)
+    for label, origin, rect in place_labels(regions, font, page.size):
+        draw.rectangle((rect[0], rect[1], rect[2] - 1, rect[3] - 1), fill=(255, 255, 255))   # corners inclusive
+        draw.text(origin, label, font=font, fill=_color(label))
+    return page
 
 
-def save_outputs(outdir: Path, image: Image.Image, raw_text: str) -> dict:
-    """result.mmd (raw text), result.md (clean markdown), boxes.png, images/N.jpg crops."""
+def save_outputs(outdir: Path, image: Image.Image, raw_text: str) -> list[Path]:
+    """result.mmd (raw text), result.md (clean markdown), boxes.png, images/N.jpg crops; returns the
+    files written."""
     outdir.mkdir(parents=True, exist_ok=True)
     regions = parse(raw_text, image.width, image.height)
-    (outdir / "result.mmd").write_text(raw_text, encoding="utf-8")
-    (outdir / "result.md").write_text(clean_markdown(raw_text, regions), encoding="utf-8")
-    draw_boxes(image, regions).save(outdir / "boxes.png")
-    crops = []
-    n = 0
-    for r in regions:
-        if r.label != "image":
-            continue
-        for box in r.boxes:
-            (outdir / "images").mkdir(exist_ok=True)
-            path = outdir / "images" / f"{n}.jpg"
-            image.convert("RGB").crop(box).save(path)
-            crops.append(str(path))
-            n += 1
-    return {"regions": len(regions), "boxes": sum(len(r.boxes) for r in regions), "crops": crops}
+    written = [outdir / "result.mmd", outdir / "result.md", outdir / "boxes.png"]
+    written[0].write_text(raw_text, encoding="utf-8")
+    written[1].write_text(clean_markdown(raw_text, regions), encoding="utf-8")
+    draw_boxes(image, regions).save(written[2])
+    crops = [box for r in regions if r.label == "image" for box in r.boxes]
+    if crops:
+        (outdir / "images").mkdir(exist_ok=True)
+        rgb = image.convert("RGB")
+    for n, box in enumerate(crops):
+        written.append(outdir / "images" / f"{n}.jpg")
+        rgb.crop(box).save(written[-1])
+    return written

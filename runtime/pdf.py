@@ -34,11 +34,14 @@ def parse_pages(spec: str | None, n_pages: int) -> list[int]:
         try:
             if "-" in part:
                 a, b = part.split("-", 1)
-                lo, hi = int(a), int(b) if b.strip() else n_pages
+                lo, hi = int(a), int(b) if b.strip() else None    # "3-": to the last page
             else:
                 lo = hi = int(part)
         except ValueError:
             raise InputError(f"bad page range {spec!r} (use e.g. 1-3,7)") from None
+        if hi is not None and hi < lo:
+            raise InputError(f"page range {part!r} is reversed (write {hi}-{lo})")
+        hi = n_pages if hi is None else hi
         if lo < 1 or hi < lo or hi > n_pages:
             raise InputError(f"page range {part!r} is outside 1-{n_pages}")
         pages += [p for p in range(lo - 1, hi) if p not in pages]

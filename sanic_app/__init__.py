@@ -11,7 +11,6 @@ import asyncio
 import hmac
 import json
 import logging
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote
@@ -33,31 +32,6 @@ log = logging.getLogger("dsocr.server")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _whole(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _seconds(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-
-
-# Server settings that would make every request fail: key -> (valid?, what it must be).
-SERVER_SETTINGS = {
-    "port": (lambda v: _whole(v) and 1 <= v <= 65535, "an integer from 1 to 65535"),
-    "max_queue": (lambda v: _whole(v) and v >= 1, "an integer >= 1"),
-    "max_body_mb": (lambda v: _whole(v) and v >= 1, "an integer >= 1"),
-    "fetch_timeout": (_seconds, "a number of seconds > 0"),
-    "request_fetch_timeout": (_seconds, "a number of seconds > 0"),
-}
-
-
-def check_server_settings(srv: dict) -> None:
-    """Refuses, naming the flag and the config key, settings that would make the server useless."""
-    for key, (valid, what) in SERVER_SETTINGS.items():
-        if not valid(srv.get(key)):
-            raise InputError(f"--{key.replace('_', '-')} (server.{key}) must be {what}, not {srv.get(key)!r}")
-
-
 def bearer_token(header: str) -> str | None:
     """The credentials of `Authorization: Bearer ...`; the scheme is case-insensitive (RFC 7235)."""
     scheme, _, token = header.strip().partition(" ")
@@ -70,7 +44,8 @@ def sse(data, event: str | None = None) -> str:
 
 
 def create_app(engine: OcrEngine, settings: dict, name: str = "dsocr") -> Sanic:
-    """settings: {"server": {...}, "inference": {...}} as merged by dsocr.cli.config."""
+    """settings: {"server": {...}, "inference": {...}} as merged by dsocr.cli.config, which checked their
+    types and ranges."""
     srv, inf = settings["server"], settings["inference"]
     app = Sanic(name)
     app.config.REQUEST_MAX_SIZE = int(srv["max_body_mb"]) << 20

@@ -152,7 +152,8 @@ def test_out_of_range_flags_are_refused_before_the_model_loads(cli, tmp_path, fl
 def test_out_of_range_values_from_config_and_environment_name_their_source(cli, tmp_path, monkeypatch):
     config = tmp_path / "config.toml"
     nope = tmp_path / "nope.gguf"
-    for line, needle in [("top_k = -3", "inference.top_k in"), ('temperature = "warm"', "must be a number"),
+    for line, needle in [("top_k = -3", "inference.top_k in"),
+                         ('temperature = "warm"', "inference.temperature: Input should be a valid number (got 'warm')"),
                          ("threads = -1", "inference.threads in"), ("top_p = nan", "inference.top_p in")]:
         config.write_text(f"[inference]\n{line}\n")
         one_line_error(cli("ocr", NOTE, "--model", nope, "--config", config), needle, str(config))

@@ -317,7 +317,7 @@ def test_http_image_urls_when_private_addresses_are_allowed(converted, tmp_path)
 
 
 def test_config_precedence(tmp_path, monkeypatch):
-    from dsocr.cli.config import load_settings
+    from dsocr.cli.config import ConfigError, load_settings
     cfg = tmp_path / "c.toml"
     cfg.write_text('[inference]\nmax_new_tokens = 100\ntemperature = 0.5\nmode = "base"\n'
                    '[server]\nport = 9001\nmax_queue = 3\n')
@@ -329,6 +329,7 @@ def test_config_precedence(tmp_path, monkeypatch):
     s = load_settings(str(cfg), cli={"inference": {"max_new_tokens": 300, "mode": None}, "server": {"port": None}},
                       environ=env)
     assert (s["inference"]["max_new_tokens"], s["server"]["port"], s["inference"]["mode"]) == (300, 9002, "base")
-    fresh = tmp_path / "new" / "config.toml"
-    s = load_settings(str(fresh), environ={})
-    assert fresh.is_file() and "Precedence" in fresh.read_text() and s["server"]["max_queue"] == 8
+    fresh = tmp_path / "new" / "config.toml"     # named but missing: an error, and nothing is written
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_settings(str(fresh), environ={})
+    assert not fresh.parent.exists()
