@@ -93,3 +93,15 @@ def check_near_ties(results: dict, goldens: dict, deviation: float, max_diverged
             assert top2[1] - top2[0] < deviation, (name, first, top2, deviation)
     assert len(diverged) <= max_diverged, diverged
     return diverged
+
+
+def one_line_error(result, *needles) -> str:
+    """The stderr line of a failed `dsocr` run (a CompletedProcess, or (rc, stdout, stderr) from
+    cli.main in-process): exit 1, exactly one line `dsocr: error: ...`, no traceback, each needle in it."""
+    rc, err = (result.returncode, result.stderr) if hasattr(result, "returncode") else (result[0], result[2])
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and lines[0].startswith("dsocr: error: ") and "Traceback" not in err, \
+        err[-2000:]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]

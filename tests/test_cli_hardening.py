@@ -19,7 +19,7 @@ from dsocr.runtime.pdf import render_pages
 from dsocr.runtime.preprocess import MODES, ViewConfig
 from dsocr.runtime.vision import VisionModel
 
-from conftest import TINY
+from conftest import TINY, one_line_error
 
 NOTE = TINY / "images" / "small_note.png"
 N_CTX = 8192          # the tiny model's context (max_position_embeddings)
@@ -57,15 +57,6 @@ def cli(tmp_path, monkeypatch, capsys):
         out = capsys.readouterr()
         return rc, out.out, out.err
     return run
-
-
-def one_line_error(result, *needles) -> str:
-    rc, _, err = result
-    lines = err.strip().splitlines()
-    assert rc != 0 and len(lines) == 1 and lines[0].startswith("dsocr: error: ") and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 # ---------------------------------------------------------------- the context check (item 6)

@@ -26,7 +26,7 @@ from dsocr.runtime.grounding import label_px, parse, place_labels, save_outputs
 from dsocr.runtime.pdf import parse_pages
 from dsocr.runtime.preprocess import MODES, ViewConfig, candidate_grids, image_token_count
 
-from conftest import TINY
+from conftest import TINY, one_line_error
 from test_server import free_port
 
 NOTE = TINY / "images" / "small_note.png"          # 500x360: one view in every mode
@@ -40,13 +40,6 @@ GROUNDED = ("<|ref|>title<|/ref|><|det|>[[100, 50, 900, 120]]<|/det|>\n# Report\
 def run_cli(*args, env=None, config=os.devnull + ".toml"):
     return subprocess.run([sys.executable, "-m", "dsocr.cli.main", *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, "DSOCR_CONFIG": str(config), **(env or {})})
-
-
-def one_line_error(r, *needles):
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("dsocr: error: "), r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 @pytest.fixture

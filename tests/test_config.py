@@ -10,7 +10,7 @@ import pytest
 from dsocr.cli.config import DEFAULTS, ConfigError, load_settings, template, tomllib
 from dsocr.cli.main import main
 
-from conftest import TINY
+from conftest import TINY, one_line_error
 
 NOTE = TINY / "images" / "small_note.png"
 
@@ -38,15 +38,6 @@ def cli(home, capsys):
         out = capsys.readouterr()
         return rc, out.out, out.err
     return run
-
-
-def one_line_error(result, *needles) -> str:
-    rc, _, err = result
-    lines = err.strip().splitlines()
-    assert rc != 0 and len(lines) == 1 and lines[0].startswith("dsocr: error: ") and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def command(name, home):

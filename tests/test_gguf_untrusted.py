@@ -25,7 +25,7 @@ from dsocr.convert import ConvertError, convert_checkpoint, requantize
 from dsocr.runtime.errors import ModelError
 from dsocr.runtime.gguf_file import MAX_ARRAY_ELEMENTS, GGUFFile, check_gguf
 
-from conftest import TINY
+from conftest import TINY, one_line_error
 
 
 class RanAway(BaseException):
@@ -222,13 +222,6 @@ def run_limited(*args, memory=3 << 30, timeout=60):
                           timeout=timeout, preexec_fn=limit)
 
 
-def assert_one_line_error(r, *needles):
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("dsocr: error: "), r.stderr[-2000:]
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-
-
 @pytest.mark.parametrize("itype,count", [(VT.UINT8, 1 << 22), (VT.UINT8, 1 << 40), (VT.FLOAT64, 1 << 61),
                                          (VT.STRING, 1 << 40)])
 def test_declared_array_larger_than_the_file_is_refused_at_once(tmp_path, itype, count):
@@ -237,7 +230,7 @@ def test_declared_array_larger_than_the_file_is_refused_at_once(tmp_path, itype,
     path.write_bytes(raw_gguf([ARCH_KV, array_kv("test.array", itype, count)], size=170))
     assert path.stat().st_size == 170
     start = time.perf_counter()
-    assert_one_line_error(run_limited("info", path), f"test.array declares {count} {itype.name} elements")
+    one_line_error(run_limited("info", path), f"test.array declares {count} {itype.name} elements")
     assert time.perf_counter() - start < 15     # the child's start-up (numba's import) included
     with pytest.raises(ModelError, match="declares"), bounded(seconds=0.1):
         GGUFFile(path)
@@ -275,7 +268,7 @@ def test_cut_gguf_is_a_one_line_error(lm_bytes, tmp_path, capsys, command, size)
 def test_cut_gguf_through_the_cli_has_no_traceback(lm_bytes, tmp_path):
     path = tmp_path / "cut.gguf"
     path.write_bytes(lm_bytes[:1000])
-    assert_one_line_error(run_limited("quantize", path, tmp_path / "out.gguf", "q8_0"), "truncated or corrupt GGUF")
+    one_line_error(run_limited("quantize", path, tmp_path / "out.gguf", "q8_0"), "truncated or corrupt GGUF")
 
 
 def test_real_files_still_open(converted, llamacpp_file):

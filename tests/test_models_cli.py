@@ -19,7 +19,7 @@ import pytest
 from dsocr.convert import ConvertError, convert_checkpoint
 from dsocr.convert.hub import HubRef, choose_gguf_pair, parse_hub_ref
 
-from conftest import TINY
+from conftest import TINY, one_line_error
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 TINY_REPO = "test-org/tiny-dsocr"
@@ -90,15 +90,6 @@ def home(tmp_path):
 
 
 TINY_ENTRY = {"model": "tiny-Q8_0.gguf", "mmproj": "mmproj-tiny-F16.gguf", "repo": TINY_REPO}
-
-
-def one_line_error(r, *needles) -> str:
-    assert r.returncode != 0
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dsocr: error: "), r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def stderr_lines(r, needle: str) -> list[str]:

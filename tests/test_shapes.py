@@ -16,7 +16,7 @@ from dsocr.runtime.gguf_file import GGUFFile
 from dsocr.runtime.language import LanguageModel
 from dsocr.runtime.vision import VisionModel
 
-from conftest import TINY
+from conftest import TINY, one_line_error
 from test_convert import assert_clean_failure, copy_tiny
 from test_ocr import run_cli
 
@@ -54,13 +54,6 @@ def random(shape):
 
 def ocr(lm, mm):
     return run_cli("ocr", IMAGE, "--model", lm, "--mmproj", mm, "--max-new-tokens", 2)
-
-
-def one_line_error(r) -> str:
-    assert r.returncode != 0, r.stdout
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dsocr: error: ") and "Traceback" not in r.stderr, r.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
