@@ -3,9 +3,12 @@
 Written independently of the numba kernels in `rows.py`, vectorised over blocks instead of
 looping over them, and in the same float32 operation order as ggml's `quantize_row_q4_K_ref`,
 `quantize_row_q5_K_ref` and `quantize_row_q6_K_ref`, so both reproduce ggml's bytes.
-Slow; for tests and for checking the fast path.
+Slow; for tests and for checking the fast path. Each block is assembled field by field in
+ggml's order; only type ids and block bytes come from `dsocr.quant.layout`.
 """
 import numpy as np
+
+from dsocr.quant.layout import Q4_K, Q4_K_BYTES, Q5_K, Q5_K_BYTES, Q6_K, Q6_K_BYTES, QK_K
 
 f32 = np.float32
 
@@ -131,7 +134,7 @@ def _pack_scales_k4(ls, lm):
 
 
 def _superblocks_k4(x, nmax, rmin, rdelta, nstep):
-    """Common part of Q4_K / Q5_K: returns d bits, dmin bits, packed scales and final L [nb, 256]."""
+    """Common part of Q4_K / Q5_K: returns d bits, dmin bits, packed scales and final L [nb, QK_K]."""
     nb = x.shape[0]
     xs = x.reshape(nb * 8, 32)
     sum_x2 = np.zeros(nb * 8, np.float32)
@@ -142,7 +145,7 @@ def _superblocks_k4(x, nmax, rmin, rdelta, nstep):
     scales, mins, L = make_qkx2_quants(xs, weights, nmax, rmin, rdelta, nstep)
     scales = scales.reshape(nb, 8)
     mins = mins.reshape(nb, 8)
-    L = L.reshape(nb, 256)
+    L = L.reshape(nb, QK_K)
     max_scale = np.zeros(nb, np.float32)
     max_min = np.zeros(nb, np.float32)
     for j in range(8):
@@ -166,21 +169,21 @@ def _superblocks_k4(x, nmax, rmin, rdelta, nstep):
 
 
 def quantize_q4_k(x: np.ndarray) -> np.ndarray:
-    """float32 [..., k] -> uint8 [..., k/256*144]."""
+    """float32 [..., k] -> uint8 [..., k/QK_K*Q4_K_BYTES]."""
     shape = x.shape
-    x = np.asarray(x, np.float32).reshape(-1, 256)
+    x = np.asarray(x, np.float32).reshape(-1, QK_K)
     d, dmin, scales, L = _superblocks_k4(x, 15, -1.0, 0.1, 20)
     L4 = L.reshape(-1, 4, 2, 32)
     qs = (L4[:, :, 0, :] | (L4[:, :, 1, :] << 4)).astype(np.uint8).reshape(-1, 128)
     out = np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2),
                           scales, qs], axis=1)
-    return out.reshape(*shape[:-1], shape[-1] // 256 * 144)
+    return out.reshape(*shape[:-1], shape[-1] // QK_K * Q4_K_BYTES)
 
 
 def quantize_q5_k(x: np.ndarray) -> np.ndarray:
-    """float32 [..., k] -> uint8 [..., k/256*176]."""
+    """float32 [..., k] -> uint8 [..., k/QK_K*Q5_K_BYTES]."""
     shape = x.shape
-    x = np.asarray(x, np.float32).reshape(-1, 256)
+    x = np.asarray(x, np.float32).reshape(-1, QK_K)
     d, dmin, scales, L = _superblocks_k4(x, 31, -0.5, 0.1, 15)
     L4 = L.reshape(-1, 4, 2, 32)
     low = L4 & 0xF
@@ -192,17 +195,17 @@ def quantize_q5_k(x: np.ndarray) -> np.ndarray:
         qh |= high[:, c, 1, :] << (2 * c + 1)
     out = np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2),
                           scales, qh.astype(np.uint8), qs], axis=1)
-    return out.reshape(*shape[:-1], shape[-1] // 256 * 176)
+    return out.reshape(*shape[:-1], shape[-1] // QK_K * Q5_K_BYTES)
 
 
 def quantize_q6_k(x: np.ndarray) -> np.ndarray:
-    """float32 [..., k] -> uint8 [..., k/256*210]."""
+    """float32 [..., k] -> uint8 [..., k/QK_K*Q6_K_BYTES]."""
     shape = x.shape
-    x = np.asarray(x, np.float32).reshape(-1, 256)
+    x = np.asarray(x, np.float32).reshape(-1, QK_K)
     nb = x.shape[0]
     scales, L = make_qx_quants_rmse1(x.reshape(nb * 16, 16), 32)
     scales = scales.reshape(nb, 16)
-    L = L.reshape(nb, 256)
+    L = L.reshape(nb, QK_K)
     max_scale = np.zeros(nb, np.float32)
     max_abs = np.zeros(nb, np.float32)
     for ib in range(16):
@@ -227,7 +230,7 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     out = np.concatenate([ql.astype(np.uint8).reshape(nb, 128), qh.astype(np.uint8).reshape(nb, 64),
                           sc.view(np.uint8), _to_fp16_bits(d).view(np.uint8).reshape(nb, 2)], axis=1)
     out[zero] = 0
-    return out.reshape(*shape[:-1], shape[-1] // 256 * 210)
+    return out.reshape(*shape[:-1], shape[-1] // QK_K * Q6_K_BYTES)
 
 
-REFERENCE_QUANTIZERS = {12: quantize_q4_k, 13: quantize_q5_k, 14: quantize_q6_k}
+REFERENCE_QUANTIZERS = {Q4_K: quantize_q4_k, Q5_K: quantize_q5_k, Q6_K: quantize_q6_k}

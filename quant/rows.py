@@ -2,24 +2,23 @@
 `dequantize_row_<t>` functions of ggml-quants.c, operation for operation in float32 so the
 bytes are ggml's.
 
-A row is a 1-D float32 array of k weights or the 1-D uint8 array of its blocks. The type
-code is ggml's type id (gguf.GGMLQuantizationType); `quantize_row` / `dequantize_row`
-dispatch on it, and `quantize_rows` / `dequantize_rows` run them in parallel over rows.
-Dispatching on an integer (rather than passing kernels around) keeps numba's on-disk
-cache usable.
+A row is a 1-D float32 array of k weights or the 1-D uint8 array of its blocks, laid out as
+`dsocr.quant.layout` defines. The type code is ggml's type id (gguf.GGMLQuantizationType);
+`quantize_row` / `dequantize_row` dispatch on it, and `quantize_rows` / `dequantize_rows` run
+them in parallel over rows. Dispatching on an integer (rather than passing kernels around)
+keeps numba's on-disk cache usable.
 """
 import numpy as np
 from numba import njit, prange
 
-from dsocr.quant.bits import (bf16_to_fp32, fp16_to_fp32, fp32_to_bf16, fp32_to_fp16,
-                              load_fp16, nearest_int, store_fp16)
-
-# ggml type ids (gguf.GGMLQuantizationType)
-F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
-Q4_K, Q5_K, Q6_K, BF16 = 12, 13, 14, 30
-
-QK = 32      # legacy block
-QK_K = 256   # K-quant super-block
+from dsocr.quant.bits import bf16_to_fp32, fp16_to_fp32, fp32_to_bf16, load_fp16, nearest_int, store_fp16
+from dsocr.quant.layout import (BF16, F16, F32, K_SCALE_SIZE, Q4_0, Q4_0_BYTES, Q4_0_D, Q4_0_QS, Q4_1,
+                                Q4_1_BYTES, Q4_1_D, Q4_1_M, Q4_1_QS, Q4_K, Q4_K_BYTES, Q4_K_D, Q4_K_DMIN,
+                                Q4_K_QS, Q4_K_SCALES, Q5_0, Q5_0_BYTES, Q5_0_D, Q5_0_QH, Q5_0_QS, Q5_1,
+                                Q5_1_BYTES, Q5_1_D, Q5_1_M, Q5_1_QH, Q5_1_QS, Q5_K, Q5_K_BYTES, Q5_K_D,
+                                Q5_K_DMIN, Q5_K_QH, Q5_K_QS, Q5_K_SCALES, Q6_K, Q6_K_BYTES, Q6_K_D, Q6_K_QH,
+                                Q6_K_QL, Q6_K_SCALES, Q8_0, Q8_0_BYTES, Q8_0_D, Q8_0_QS, QK4_0, QK4_1, QK5_0,
+                                QK5_1, QK8_0, QK_K, check_code)
 
 _0 = np.float32(0.0)
 _1 = np.float32(1.0)
@@ -95,84 +94,86 @@ def _min_max(x, start, n):
 
 @njit(cache=True)
 def quantize_row_q8_0(x, out):
-    # block: d (f16), qs[32] (int8)
-    for b in range(x.size // QK):
-        o = b * 34
+    for b in range(x.size // QK8_0):
+        o = b * Q8_0_BYTES
         amax = _0
-        for j in range(b * QK, b * QK + QK):
+        for j in range(b * QK8_0, b * QK8_0 + QK8_0):
             amax = max(amax, abs(x[j]))
         d = amax / np.float32(127.0)
         idd = _1 / d if d != _0 else _0
-        store_fp16(out, o, d)
-        for j in range(QK):
-            out[o + 2 + j] = np.uint8(np.int64(roundf(x[b * QK + j] * idd)) & 0xFF)
+        store_fp16(out, o + Q8_0_D, d)
+        for j in range(QK8_0):
+            out[o + Q8_0_QS + j] = np.uint8(np.int64(roundf(x[b * QK8_0 + j] * idd)) & 0xFF)
 
 
 @njit(cache=True)
 def dequantize_row_q8_0(raw, out):
-    for b in range(out.size // QK):
-        o = b * 34
-        d = load_fp16(raw, o)
-        for j in range(QK):
-            out[b * QK + j] = np.float32(np.int8(raw[o + 2 + j])) * d
+    for b in range(out.size // QK8_0):
+        o = b * Q8_0_BYTES
+        d = load_fp16(raw, o + Q8_0_D)
+        for j in range(QK8_0):
+            out[b * QK8_0 + j] = np.float32(np.int8(raw[o + Q8_0_QS + j])) * d
 
 
 @njit(cache=True)
 def quantize_row_q4_0(x, out):
-    # block: d (f16), qs[16]: low nibble = weight j, high nibble = weight j+16
-    for b in range(x.size // QK):
-        o = b * 18
-        d = _signed_absmax(x, b * QK, QK) / np.float32(-8.0)
+    # qs byte j: low nibble = weight j, high nibble = weight j + QK4_0/2
+    half = QK4_0 // 2
+    for b in range(x.size // QK4_0):
+        o = b * Q4_0_BYTES
+        d = _signed_absmax(x, b * QK4_0, QK4_0) / np.float32(-8.0)
         idd = _1 / d if d != _0 else _0
-        store_fp16(out, o, d)
-        for j in range(16):
-            q0 = min(15, np.int64(x[b * QK + j] * idd + np.float32(8.5)))
-            q1 = min(15, np.int64(x[b * QK + 16 + j] * idd + np.float32(8.5)))
-            out[o + 2 + j] = np.uint8(q0 | (q1 << 4))
+        store_fp16(out, o + Q4_0_D, d)
+        for j in range(half):
+            q0 = min(15, np.int64(x[b * QK4_0 + j] * idd + np.float32(8.5)))
+            q1 = min(15, np.int64(x[b * QK4_0 + half + j] * idd + np.float32(8.5)))
+            out[o + Q4_0_QS + j] = np.uint8(q0 | (q1 << 4))
 
 
 @njit(cache=True)
 def dequantize_row_q4_0(raw, out):
-    for b in range(out.size // QK):
-        o = b * 18
-        d = load_fp16(raw, o)
-        for j in range(16):
-            q = raw[o + 2 + j]
-            out[b * QK + j] = np.float32(np.int64(q & 0xF) - 8) * d
-            out[b * QK + 16 + j] = np.float32(np.int64(q >> 4) - 8) * d
+    half = QK4_0 // 2
+    for b in range(out.size // QK4_0):
+        o = b * Q4_0_BYTES
+        d = load_fp16(raw, o + Q4_0_D)
+        for j in range(half):
+            q = raw[o + Q4_0_QS + j]
+            out[b * QK4_0 + j] = np.float32(np.int64(q & 0xF) - 8) * d
+            out[b * QK4_0 + half + j] = np.float32(np.int64(q >> 4) - 8) * d
 
 
 @njit(cache=True)
 def quantize_row_q4_1(x, out):
-    # block: d (f16), m (f16), qs[16]; w = d*q + m
-    for b in range(x.size // QK):
-        o = b * 20
-        vmin, vmax = _min_max(x, b * QK, QK)
+    half = QK4_1 // 2
+    for b in range(x.size // QK4_1):
+        o = b * Q4_1_BYTES
+        vmin, vmax = _min_max(x, b * QK4_1, QK4_1)
         d = (vmax - vmin) / np.float32(15.0)
         idd = _1 / d if d != _0 else _0
-        store_fp16(out, o, d)
-        store_fp16(out, o + 2, vmin)
-        for j in range(16):
-            q0 = min(15, np.int64((x[b * QK + j] - vmin) * idd + _HALF))
-            q1 = min(15, np.int64((x[b * QK + 16 + j] - vmin) * idd + _HALF))
-            out[o + 4 + j] = np.uint8(q0 | (q1 << 4))
+        store_fp16(out, o + Q4_1_D, d)
+        store_fp16(out, o + Q4_1_M, vmin)
+        for j in range(half):
+            q0 = min(15, np.int64((x[b * QK4_1 + j] - vmin) * idd + _HALF))
+            q1 = min(15, np.int64((x[b * QK4_1 + half + j] - vmin) * idd + _HALF))
+            out[o + Q4_1_QS + j] = np.uint8(q0 | (q1 << 4))
 
 
 @njit(cache=True)
 def dequantize_row_q4_1(raw, out):
-    for b in range(out.size // QK):
-        o = b * 20
-        d = load_fp16(raw, o)
-        m = load_fp16(raw, o + 2)
-        for j in range(16):
-            q = raw[o + 4 + j]
-            out[b * QK + j] = np.float32(q & 0xF) * d + m
-            out[b * QK + 16 + j] = np.float32(q >> 4) * d + m
+    half = QK4_1 // 2
+    for b in range(out.size // QK4_1):
+        o = b * Q4_1_BYTES
+        d = load_fp16(raw, o + Q4_1_D)
+        m = load_fp16(raw, o + Q4_1_M)
+        for j in range(half):
+            q = raw[o + Q4_1_QS + j]
+            out[b * QK4_1 + j] = np.float32(q & 0xF) * d + m
+            out[b * QK4_1 + half + j] = np.float32(q >> 4) * d + m
 
 
 @njit(cache=True, inline="always")
 def _store_q5(out, o, q0, q1, j, qh):
-    """Pack weights j and j+16 of a 5-bit block; returns qh with their 5th bits set."""
+    """Pack weights j and j+16 of a 5-bit block (qs at out[o:]); returns qh with their 5th bits set."""
     out[o + j] = np.uint8((q0 & 0xF) | ((q1 & 0xF) << 4))
     return qh | ((q0 >> 4) << j) | ((q1 >> 4) << (j + 16))
 
@@ -191,65 +192,67 @@ def _load_u32(raw, o):
 
 @njit(cache=True)
 def quantize_row_q5_0(x, out):
-    # block: d (f16), qh (u32: 5th bits), qs[16]
-    for b in range(x.size // QK):
-        o = b * 22
-        d = _signed_absmax(x, b * QK, QK) / np.float32(-16.0)
+    half = QK5_0 // 2
+    for b in range(x.size // QK5_0):
+        o = b * Q5_0_BYTES
+        d = _signed_absmax(x, b * QK5_0, QK5_0) / np.float32(-16.0)
         idd = _1 / d if d != _0 else _0
-        store_fp16(out, o, d)
+        store_fp16(out, o + Q5_0_D, d)
         qh = 0
-        for j in range(16):
-            q0 = min(31, np.int64(x[b * QK + j] * idd + np.float32(16.5)))
-            q1 = min(31, np.int64(x[b * QK + 16 + j] * idd + np.float32(16.5)))
-            qh = _store_q5(out, o + 6, q0, q1, j, qh)
-        _store_u32(out, o + 2, qh)
+        for j in range(half):
+            q0 = min(31, np.int64(x[b * QK5_0 + j] * idd + np.float32(16.5)))
+            q1 = min(31, np.int64(x[b * QK5_0 + half + j] * idd + np.float32(16.5)))
+            qh = _store_q5(out, o + Q5_0_QS, q0, q1, j, qh)
+        _store_u32(out, o + Q5_0_QH, qh)
 
 
 @njit(cache=True)
 def dequantize_row_q5_0(raw, out):
-    for b in range(out.size // QK):
-        o = b * 22
-        d = load_fp16(raw, o)
-        qh = _load_u32(raw, o + 2)
-        for j in range(16):
-            q = raw[o + 6 + j]
+    half = QK5_0 // 2
+    for b in range(out.size // QK5_0):
+        o = b * Q5_0_BYTES
+        d = load_fp16(raw, o + Q5_0_D)
+        qh = _load_u32(raw, o + Q5_0_QH)
+        for j in range(half):
+            q = raw[o + Q5_0_QS + j]
             q0 = np.int64(q & 0xF) | (((qh >> j) & 1) << 4)
-            q1 = np.int64(q >> 4) | (((qh >> (j + 16)) & 1) << 4)
-            out[b * QK + j] = np.float32(q0 - 16) * d
-            out[b * QK + 16 + j] = np.float32(q1 - 16) * d
+            q1 = np.int64(q >> 4) | (((qh >> (j + half)) & 1) << 4)
+            out[b * QK5_0 + j] = np.float32(q0 - 16) * d
+            out[b * QK5_0 + half + j] = np.float32(q1 - 16) * d
 
 
 @njit(cache=True)
 def quantize_row_q5_1(x, out):
-    # block: d (f16), m (f16), qh (u32), qs[16]; w = d*q + m
-    for b in range(x.size // QK):
-        o = b * 24
-        vmin, vmax = _min_max(x, b * QK, QK)
+    half = QK5_1 // 2
+    for b in range(x.size // QK5_1):
+        o = b * Q5_1_BYTES
+        vmin, vmax = _min_max(x, b * QK5_1, QK5_1)
         d = (vmax - vmin) / np.float32(31.0)
         idd = _1 / d if d != _0 else _0
-        store_fp16(out, o, d)
-        store_fp16(out, o + 2, vmin)
+        store_fp16(out, o + Q5_1_D, d)
+        store_fp16(out, o + Q5_1_M, vmin)
         qh = 0
-        for j in range(16):
-            q0 = min(31, np.int64((x[b * QK + j] - vmin) * idd + _HALF))
-            q1 = min(31, np.int64((x[b * QK + 16 + j] - vmin) * idd + _HALF))
-            qh = _store_q5(out, o + 8, q0, q1, j, qh)
-        _store_u32(out, o + 4, qh)
+        for j in range(half):
+            q0 = min(31, np.int64((x[b * QK5_1 + j] - vmin) * idd + _HALF))
+            q1 = min(31, np.int64((x[b * QK5_1 + half + j] - vmin) * idd + _HALF))
+            qh = _store_q5(out, o + Q5_1_QS, q0, q1, j, qh)
+        _store_u32(out, o + Q5_1_QH, qh)
 
 
 @njit(cache=True)
 def dequantize_row_q5_1(raw, out):
-    for b in range(out.size // QK):
-        o = b * 24
-        d = load_fp16(raw, o)
-        m = load_fp16(raw, o + 2)
-        qh = _load_u32(raw, o + 4)
-        for j in range(16):
-            q = raw[o + 8 + j]
+    half = QK5_1 // 2
+    for b in range(out.size // QK5_1):
+        o = b * Q5_1_BYTES
+        d = load_fp16(raw, o + Q5_1_D)
+        m = load_fp16(raw, o + Q5_1_M)
+        qh = _load_u32(raw, o + Q5_1_QH)
+        for j in range(half):
+            q = raw[o + Q5_1_QS + j]
             q0 = np.int64(q & 0xF) | (((qh >> j) & 1) << 4)
-            q1 = np.int64(q >> 4) | (((qh >> (j + 16)) & 1) << 4)
-            out[b * QK + j] = np.float32(q0) * d + m
-            out[b * QK + 16 + j] = np.float32(q1) * d + m
+            q1 = np.int64(q >> 4) | (((qh >> (j + half)) & 1) << 4)
+            out[b * QK5_1 + j] = np.float32(q0) * d + m
+            out[b * QK5_1 + half + j] = np.float32(q1) * d + m
 
 
 # ---------------------------------------------------------------- K-quants (256-weight super-blocks)
@@ -388,7 +391,8 @@ def _pack_scales_k4(out, o, j, ls, lm):
 @njit(cache=True, inline="always")
 def _quantize_superblock_k4(xb, out, o, L, nmax, rmin, rdelta, nstep):
     """Shared head of quantize_row_q4_K_ref / q5_K_ref: sub-block fits, packed 6-bit scales/mins,
-    d/dmin, and the final L (weights re-quantized against the stored scales)."""
+    d/dmin, and the final L (weights re-quantized against the stored scales). The two formats
+    share the offsets of d, dmin and scales (Q4_K's names are used; quant.layout checks them equal)."""
     scales = np.empty(8, np.float32)
     mins = np.empty(8, np.float32)
     weights = np.empty(32, np.float32)
@@ -411,18 +415,18 @@ def _quantize_superblock_k4(xb, out, o, L, nmax, rmin, rdelta, nstep):
             max_min = mins[j]
     inv_scale = np.float32(63.0) / max_scale if max_scale > _0 else _0
     inv_min = np.float32(63.0) / max_min if max_min > _0 else _0
-    for i in range(12):
-        out[o + 4 + i] = 0
+    for i in range(K_SCALE_SIZE):
+        out[o + Q4_K_SCALES + i] = 0
     for j in range(8):
         ls = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)
         lm = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
-        _pack_scales_k4(out, o + 4, j, ls, lm)
-    store_fp16(out, o, max_scale / np.float32(63.0))
-    store_fp16(out, o + 2, max_min / np.float32(63.0))
-    d_all = load_fp16(out, o)
-    dmin_all = load_fp16(out, o + 2)
+        _pack_scales_k4(out, o + Q4_K_SCALES, j, ls, lm)
+    store_fp16(out, o + Q4_K_D, max_scale / np.float32(63.0))
+    store_fp16(out, o + Q4_K_DMIN, max_min / np.float32(63.0))
+    d_all = load_fp16(out, o + Q4_K_D)
+    dmin_all = load_fp16(out, o + Q4_K_DMIN)
     for j in range(8):
-        sc, m = scale_min_k4(j, out, o + 4)
+        sc, m = scale_min_k4(j, out, o + Q4_K_SCALES)
         d = d_all * np.float32(sc)
         if d == _0:
             continue
@@ -433,87 +437,85 @@ def _quantize_superblock_k4(xb, out, o, L, nmax, rmin, rdelta, nstep):
 
 @njit(cache=True)
 def quantize_row_q4_k(x, out):
-    # block: d (f16), dmin (f16), scales[12] (6-bit scale/min pairs), qs[128]
     L = np.empty(QK_K, np.int64)
     for b in range(x.size // QK_K):
-        o = b * 144
+        o = b * Q4_K_BYTES
         _quantize_superblock_k4(x[b * QK_K:(b + 1) * QK_K], out, o, L, 15,
                                 np.float32(-1.0), np.float32(0.1), 20)
         for c in range(4):  # 64 weights per 32 bytes: low nibble l, high nibble l+32
             for l in range(32):
-                out[o + 16 + 32 * c + l] = np.uint8(L[64 * c + l] | (L[64 * c + l + 32] << 4))
+                out[o + Q4_K_QS + 32 * c + l] = np.uint8(L[64 * c + l] | (L[64 * c + l + 32] << 4))
 
 
 @njit(cache=True)
 def dequantize_row_q4_k(raw, out):
     for b in range(out.size // QK_K):
-        o = b * 144
-        d = load_fp16(raw, o)
-        dmin = load_fp16(raw, o + 2)
+        o = b * Q4_K_BYTES
+        d = load_fp16(raw, o + Q4_K_D)
+        dmin = load_fp16(raw, o + Q4_K_DMIN)
         for c in range(4):
-            sc, m = scale_min_k4(2 * c, raw, o + 4)
+            sc, m = scale_min_k4(2 * c, raw, o + Q4_K_SCALES)
             d1 = d * np.float32(sc)
             m1 = dmin * np.float32(m)
-            sc, m = scale_min_k4(2 * c + 1, raw, o + 4)
+            sc, m = scale_min_k4(2 * c + 1, raw, o + Q4_K_SCALES)
             d2 = d * np.float32(sc)
             m2 = dmin * np.float32(m)
             for l in range(32):
-                q = raw[o + 16 + 32 * c + l]
+                q = raw[o + Q4_K_QS + 32 * c + l]
                 out[b * QK_K + 64 * c + l] = d1 * np.float32(q & 0xF) - m1
                 out[b * QK_K + 64 * c + 32 + l] = d2 * np.float32(q >> 4) - m2
 
 
 @njit(cache=True)
 def quantize_row_q5_k(x, out):
-    # block: d, dmin (f16), scales[12], qh[32] (5th bits), qs[128]
     L = np.empty(QK_K, np.int64)
     for b in range(x.size // QK_K):
-        o = b * 176
+        o = b * Q5_K_BYTES
         _quantize_superblock_k4(x[b * QK_K:(b + 1) * QK_K], out, o, L, 31,
                                 np.float32(-0.5), np.float32(0.1), 15)
-        for l in range(32):
-            out[o + 16 + l] = 0
+        for l in range(QK_K // 8):
+            out[o + Q5_K_QH + l] = 0
         for c in range(4):
             m1 = 1 << (2 * c)
             for j in range(32):
                 l1 = L[64 * c + j]
                 if l1 > 15:
                     l1 -= 16
-                    out[o + 16 + j] |= np.uint8(m1)
+                    out[o + Q5_K_QH + j] |= np.uint8(m1)
                 l2 = L[64 * c + j + 32]
                 if l2 > 15:
                     l2 -= 16
-                    out[o + 16 + j] |= np.uint8(m1 << 1)
-                out[o + 48 + 32 * c + j] = np.uint8(l1 | (l2 << 4))
+                    out[o + Q5_K_QH + j] |= np.uint8(m1 << 1)
+                out[o + Q5_K_QS + 32 * c + j] = np.uint8(l1 | (l2 << 4))
 
 
 @njit(cache=True)
 def dequantize_row_q5_k(raw, out):
     for b in range(out.size // QK_K):
-        o = b * 176
-        d = load_fp16(raw, o)
-        dmin = load_fp16(raw, o + 2)
+        o = b * Q5_K_BYTES
+        d = load_fp16(raw, o + Q5_K_D)
+        dmin = load_fp16(raw, o + Q5_K_DMIN)
         for c in range(4):
-            sc, m = scale_min_k4(2 * c, raw, o + 4)
+            sc, m = scale_min_k4(2 * c, raw, o + Q5_K_SCALES)
             d1 = d * np.float32(sc)
             m1 = dmin * np.float32(m)
-            sc, m = scale_min_k4(2 * c + 1, raw, o + 4)
+            sc, m = scale_min_k4(2 * c + 1, raw, o + Q5_K_SCALES)
             d2 = d * np.float32(sc)
             m2 = dmin * np.float32(m)
             for l in range(32):
-                q = raw[o + 48 + 32 * c + l]
-                h = raw[o + 16 + l] >> (2 * c)
+                q = raw[o + Q5_K_QS + 32 * c + l]
+                h = raw[o + Q5_K_QH + l] >> (2 * c)
                 out[b * QK_K + 64 * c + l] = d1 * np.float32((q & 0xF) + ((h & 1) << 4)) - m1
                 out[b * QK_K + 64 * c + 32 + l] = d2 * np.float32((q >> 4) + ((h & 2) << 3)) - m2
 
 
 @njit(cache=True)
 def quantize_row_q6_k(x, out):
-    # block: ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16] (int8), d (f16); w = d*sc*(q-32)
+    # ql: low 4 bits, qh: high 2 bits, scales: int8 per 16 weights; w = d*sc*(q-32)
     L = np.empty(QK_K, np.int64)
     scales = np.empty(16, np.float32)
     for b in range(x.size // QK_K):
-        o = b * 210
+        o = b * Q6_K_BYTES
         xb = x[b * QK_K:(b + 1) * QK_K]
         max_scale = _0
         max_abs_scale = _0
@@ -523,23 +525,23 @@ def quantize_row_q6_k(x, out):
                 max_abs_scale = abs(scales[ib])
                 max_scale = scales[ib]
         if max_abs_scale < _GROUP_MAX_EPS:
-            for i in range(210):
+            for i in range(Q6_K_BYTES):
                 out[o + i] = 0
             continue
         iscale = np.float32(-128.0) / max_scale
-        store_fp16(out, o + 208, _1 / iscale)
+        store_fp16(out, o + Q6_K_D, _1 / iscale)
         for ib in range(16):
-            out[o + 192 + ib] = np.uint8(min(127, nearest_int(iscale * scales[ib])) & 0xFF)
-        d_all = load_fp16(out, o + 208)
+            out[o + Q6_K_SCALES + ib] = np.uint8(min(127, nearest_int(iscale * scales[ib])) & 0xFF)
+        d_all = load_fp16(out, o + Q6_K_D)
         for j in range(16):
-            d = d_all * np.float32(np.int8(out[o + 192 + j]))
+            d = d_all * np.float32(np.int8(out[o + Q6_K_SCALES + j]))
             if d == _0:
                 continue
             for ii in range(16):
                 L[16 * j + ii] = max(-32, min(31, nearest_int(xb[16 * j + ii] / d))) + 32
         for half in range(2):
-            ql = o + 64 * half
-            qh = o + 128 + 32 * half
+            ql = o + Q6_K_QL + 64 * half
+            qh = o + Q6_K_QH + 32 * half
             Lh = L[128 * half:128 * half + 128]
             for l in range(32):
                 out[ql + l] = np.uint8((Lh[l] & 0xF) | ((Lh[l + 64] & 0xF) << 4))
@@ -551,12 +553,12 @@ def quantize_row_q6_k(x, out):
 @njit(cache=True)
 def dequantize_row_q6_k(raw, out):
     for b in range(out.size // QK_K):
-        o = b * 210
-        d = load_fp16(raw, o + 208)
+        o = b * Q6_K_BYTES
+        d = load_fp16(raw, o + Q6_K_D)
         for half in range(2):
-            ql = o + 64 * half
-            qh = o + 128 + 32 * half
-            sc = o + 192 + 8 * half
+            ql = o + Q6_K_QL + 64 * half
+            qh = o + Q6_K_QH + 32 * half
+            sc = o + Q6_K_SCALES + 8 * half
             y = b * QK_K + 128 * half
             for l in range(32):
                 isc = l // 16
@@ -575,7 +577,8 @@ def dequantize_row_q6_k(raw, out):
 
 @njit(cache=True)
 def quantize_row(code, x, out):
-    """Quantize one float32 row into `out` (uint8 blocks) as ggml type `code`."""
+    """Quantize one float32 row into `out` (uint8 blocks) as ggml type `code`. Not inlined, so the
+    raise for an unknown code stays out of quantize_rows' parallel loop (which checks first)."""
     if code == F32:
         out[:] = x.view(np.uint8)
     elif code == F16:
@@ -598,11 +601,14 @@ def quantize_row(code, x, out):
         quantize_row_q5_k(x, out)
     elif code == Q6_K:
         quantize_row_q6_k(x, out)
+    else:
+        raise ValueError("unsupported ggml type code " + str(code))
 
 
 @njit(cache=True)
 def dequantize_row(code, raw, out):
-    """Dequantize one row of ggml type `code` (uint8 blocks) into float32 `out`."""
+    """Dequantize one row of ggml type `code` (uint8 blocks) into float32 `out` (not inlined: see
+    quantize_row)."""
     if code == F32:
         out[:] = raw.view(np.float32)
     elif code == F16:
@@ -625,11 +631,14 @@ def dequantize_row(code, raw, out):
         dequantize_row_q5_k(raw, out)
     elif code == Q6_K:
         dequantize_row_q6_k(raw, out)
+    else:
+        raise ValueError("unsupported ggml type code " + str(code))
 
 
 @njit(cache=True, parallel=True)
 def quantize_rows(code, x, out):
     """x: float32 [n, k] -> out: uint8 [n, row_bytes], rows in parallel."""
+    check_code(code)
     for i in prange(x.shape[0]):
         quantize_row(code, x[i], out[i])
 
@@ -637,5 +646,6 @@ def quantize_rows(code, x, out):
 @njit(cache=True, parallel=True)
 def dequantize_rows(code, raw, out):
     """raw: uint8 [n, row_bytes] -> out: float32 [n, k], rows in parallel."""
+    check_code(code)
     for i in prange(raw.shape[0]):
         dequantize_row(code, raw[i], out[i])

@@ -298,3 +298,15 @@ def test_vision_graph_runs_unchanged_on_the_device(be, converted):
     want = encoder(cpu).encode_view(pixels)
     device = type(be)(threads_per_block=2) if SIMULATED else be
     assert rel_err(encoder(device).encode_view(pixels), want) < 1e-5
+
+
+@pytest.mark.parametrize("code", [int(QT.Q8_1), int(QT.Q2_K), 99])
+def test_unknown_type_codes_never_decode_as_another_type(be, code):
+    """Device code cannot raise, so the backend refuses the tensor at upload; were one to reach a
+    kernel anyway, its weights read as NaN (weight_at used to decode any unknown code as Q6_K)."""
+    raw = np.full((2, 210), 0x11, np.uint8)
+    with pytest.raises(ValueError, match=f"^unsupported ggml type code {code}$"):
+        be.weight(Tensor("w", code, (2, 256), raw))
+    out = be.empty((2, 256))
+    be.mm.embed_rows[2, be.tpb](be.cuda.to_device(raw), code, be.cuda.to_device(np.array([1, 0])), out)
+    assert np.isnan(be.to_host(out)).all()

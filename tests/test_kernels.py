@@ -190,3 +190,20 @@ def test_topk_softmax_greedy_without_renormalisation():
     assert np.array_equal(idx, want)
     assert rel_err(w, np.take_along_axis(p, want, 1)) < 1e-6
     assert (w.sum(1) < 1).all()
+
+
+@pytest.mark.parametrize("code", [int(QT.Q8_1), int(QT.Q2_K), 99])
+def test_products_refuse_an_unknown_type_code(code):
+    """GEMV (one row, routed experts) and GEMM raise for a type code they have no kernel for, where
+    the GEMV used to read any unknown code as BF16."""
+    W = np.full((4, 512), 0x3F, np.uint8)
+    x = np.ones((2, 256), np.float32)
+    y = np.zeros((2, 4), np.float32)
+    calls = {"gemv": lambda: mm.gemv(code, W, x[0], y[0]),
+             "gemv_experts": lambda: mm.gemv_experts(code, W.reshape(2, 2, 512), np.array([1, 0]), x, y[:, :2]),
+             "gemm": lambda: mm.gemm(code, W, np.ones((9, 256), np.float32), np.zeros((9, 4), np.float32),
+                                     mm.Dequantizer())}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=f"^unsupported ggml type code {code}$"):
+            call()
+        assert not y.any(), name

@@ -7,7 +7,8 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 
 from dsocr import quant
-from dsocr.quant import reference
+from dsocr.quant import layout as L
+from dsocr.quant import reference, rows
 
 from conftest import FIXTURES, RMS_BOUND
 
@@ -16,6 +17,10 @@ GGUF_QUANTIZES = [QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1]
 KQUANTS = [QT.Q4_K, QT.Q5_K, QT.Q6_K]
 FIXTURE_NAMES = {QT.Q4_0: "q4_0", QT.Q4_1: "q4_1", QT.Q5_0: "q5_0", QT.Q5_1: "q5_1", QT.Q8_0: "q8_0",
                  QT.Q4_K: "q4_K", QT.Q5_K: "q5_K", QT.Q6_K: "q6_K"}
+HALF_FIELDS = {QT.Q8_0: [L.Q8_0_D], QT.Q4_0: [L.Q4_0_D], QT.Q5_0: [L.Q5_0_D], QT.Q4_1: [L.Q4_1_D, L.Q4_1_M],
+               QT.Q5_1: [L.Q5_1_D, L.Q5_1_M], QT.Q4_K: [L.Q4_K_D, L.Q4_K_DMIN], QT.Q5_K: [L.Q5_K_D, L.Q5_K_DMIN],
+               QT.Q6_K: [L.Q6_K_D]}
+UNKNOWN_CODES = [int(QT.Q8_1), int(QT.Q2_K), int(QT.IQ4_NL), 99]   # ggml types no kernel handles, and no type
 
 
 def same_bits(a, b):
@@ -43,9 +48,7 @@ def random_blocks(qtype, n_blocks, rng):
     fmt = quant.get_format(qtype)
     raw = rng.integers(0, 256, (n_blocks, fmt.type_size), dtype=np.uint8)
     finite = lambda n: rng.standard_normal(n).astype(np.float16).view(np.uint8).reshape(n, 2)
-    half_fields = {QT.Q8_0: [0], QT.Q4_0: [0], QT.Q5_0: [0], QT.Q4_1: [0, 2], QT.Q5_1: [0, 2],
-                   QT.Q4_K: [0, 2], QT.Q5_K: [0, 2], QT.Q6_K: [208]}
-    for off in half_fields.get(qtype, []):
+    for off in HALF_FIELDS.get(qtype, []):
         raw[:, off:off + 2] = finite(n_blocks)
     if qtype == QT.F16:
         raw = finite(n_blocks * fmt.type_size // 2).reshape(n_blocks, -1)
@@ -176,3 +179,40 @@ def test_software_and_native_half_conversions_agree_on_every_half():
     assert same_bits(soft, want)
     if bits.NATIVE_HALF:
         assert same_bits(native, want)
+
+
+@pytest.mark.parametrize("qtype", list(HALF_FIELDS), ids=lambda t: t.name)
+def test_layout_names_the_fp16_fields_gguf_reads(qtype):
+    """quant.layout's fp16 offsets against gguf's own block split (not our kernels): a NaN half
+    written at a named offset poisons the block in gguf's dequantizer; written anywhere else it
+    never does (a half straddling two fields keeps both exponents, so both stay finite)."""
+    base = random_blocks(qtype, 1, np.random.default_rng(int(qtype)))
+    nan = np.float16(np.nan).reshape(1).view(np.uint8)
+    poisoned = []
+    for off in range(base.shape[1] - 1):
+        raw = base.copy()
+        raw[0, off:off + 2] = nan
+        if np.isnan(gguf.quants.dequantize(raw, qtype)).any():
+            poisoned.append(off)
+    assert poisoned == sorted(HALF_FIELDS[qtype])
+
+
+def test_layout_covers_exactly_the_supported_formats():
+    assert sorted(int(t) for t in quant.SUPPORTED_TYPES) == sorted(L.CODES)
+    for qtype in quant.SUPPORTED_TYPES:
+        assert L.CODES.count(int(qtype)) == 1
+
+
+@pytest.mark.parametrize("code", UNKNOWN_CODES)
+def test_row_kernels_refuse_an_unknown_type_code(code):
+    """Every dispatch on a type code raises for one it has no kernel for (none decodes it as another)."""
+    x, raw = np.ones((2, 256), np.float32), np.zeros((2, 256), np.uint8)
+    calls = {"quantize_rows": lambda: rows.quantize_rows(code, x, raw),
+             "dequantize_rows": lambda: rows.dequantize_rows(code, raw, x),
+             "quantize_row": lambda: rows.quantize_row(code, x[0], raw[0]),
+             "dequantize_row": lambda: rows.dequantize_row(code, raw[0], x[0]),
+             "check_code": lambda: L.check_code(code)}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=f"^unsupported ggml type code {code}$"):
+            call()
+        assert not raw.any(), name

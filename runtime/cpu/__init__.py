@@ -1,4 +1,5 @@
-"""The CPU backend: the ops the model graph calls, on numpy arrays, through numba kernels."""
+"""The CPU backend: the ops of the backend contract (runtime/backend.py) on numpy arrays, through
+numba kernels."""
 from __future__ import annotations
 
 import math
@@ -10,6 +11,7 @@ from dsocr.quant.rows import dequantize_rows
 from dsocr.runtime.cpu import matmul as mm
 from dsocr.runtime.cpu import ops, vision_ops
 from dsocr.runtime.gguf_file import Tensor
+from dsocr.runtime.rope import rope_tables
 
 GEMV_MAX_ROWS = 4     # up to this many activation rows, one GEMV per row beats dequantize + BLAS
 
@@ -132,7 +134,7 @@ class CPUBackend:
     add_bias = staticmethod(ops.add_bias)
     cache_store = staticmethod(ops.cache_store)
 
-    def attention_causal(self, q, kc, vc, pos0: int, n_head: int, out, chunk: int = 256) -> None:
+    def attention_causal(self, q, kc, vc, pos0: int, n_head: int, out, *, chunk: int = 256) -> None:
         """q [m, n_head*d] at positions pos0..pos0+m-1 over caches holding positions 0..pos0+m-1.
         A few rows (decode) go through one numba kernel; many rows (prefill) through BLAS per head,
         where the kernel's per-element loops ran at ~0.2 GFLOP/s (12 of 28 s of a 900-token prefill)."""
@@ -151,7 +153,7 @@ class CPUBackend:
                         lambda s, qh, r0: ops.softmax_scaled(s, scale, pos0 + r0 + 1))
 
     def rope(self, x: np.ndarray, n_head: int, positions: np.ndarray, theta: float) -> None:
-        cos, sin = ops.rope_tables(positions, x.shape[1] // n_head, theta)
+        cos, sin = rope_tables(positions, x.shape[1] // n_head, theta)
         ops.rope_neox(x, n_head, cos, sin)
 
     # ---- vision
@@ -169,7 +171,7 @@ class CPUBackend:
     window_partition = staticmethod(vision_ops.window_partition)
     window_unpartition = staticmethod(vision_ops.window_unpartition)
 
-    def attention(self, q, k, v, n_head: int, relpos=None, chunk: int = 512) -> np.ndarray:
+    def attention(self, q, k, v, n_head: int, relpos=None, *, chunk: int = 512) -> np.ndarray:
         """Bidirectional attention per batch item and head: q, k, v [B, n, n_head*d] -> [B, n, n_head*d].
         relpos = (Rh, Rw, H, W) adds SAM's decomposed relative positions. Scores are made a chunk of
         query rows at a time with BLAS, so no head's full score matrix is ever held."""

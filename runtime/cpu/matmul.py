@@ -9,33 +9,39 @@
   which beats any GEMM numba can emit here; the chunk keeps memory flat.
 
 Weights are 2-D uint8 arrays [rows, row_bytes] (3-D [n_expert, rows, row_bytes] for routed
-experts); `code` is the ggml type id.
+experts) of blocks laid out as `dsocr.quant.layout` defines; `code` is the ggml type id.
 """
 import numpy as np
 import numba
 from numba import njit, prange
 
-from dsocr.quant import get_format
 from dsocr.quant.bits import bf16_to_fp32, fp16_to_fp32, load_fp16, nearest_int
-from dsocr.quant.rows import (BF16, F16, F32, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, _load_u32,
-                              dequantize_rows, scale_min_k4)
+from dsocr.quant.layout import (BF16, BF16_BYTES, F16, F16_BYTES, F32, F32_BYTES, Q4_0, Q4_0_BYTES, Q4_0_QS,
+                                Q4_1, Q4_1_BYTES, Q4_1_M, Q4_1_QS, Q4_K, Q4_K_BYTES, Q4_K_D, Q4_K_DMIN,
+                                Q4_K_QS, Q4_K_SCALES, Q5_0, Q5_0_BYTES, Q5_0_QH, Q5_0_QS, Q5_1, Q5_1_BYTES,
+                                Q5_1_M, Q5_1_QH, Q5_1_QS, Q5_K, Q5_K_BYTES, Q5_K_D, Q5_K_DMIN, Q5_K_QH,
+                                Q5_K_QS, Q5_K_SCALES, Q6_K, Q6_K_BYTES, Q6_K_D, Q6_K_QH, Q6_K_QL,
+                                Q6_K_SCALES, Q8_0, Q8_0_BYTES, Q8_0_QS, QK8_0, QK_K, check_code)
+from dsocr.quant.rows import _load_u32, dequantize_rows, scale_min_k4
 from dsocr.runtime.cpu import simd
+from dsocr.runtime.cpu.simd import BLOCK
 
 ACC = 32    # scratch floats per row: four 8-lane slots
+SUB_BLOCKS = QK_K // QK8_0   # activation q8 blocks per K-quant super-block
 
 
 @njit(cache=True)
 def quantize_activation(x, xq, xd, xs):
-    """x [k] -> int16 quants xq [k], per-32 scales xd [k/32] and block sums xs = xd*sum(q) (for
-    the formats that store a minimum). k is a multiple of 32."""
-    for b in range(x.size // 32):
+    """x [k] -> int16 quants xq [k], per-QK8_0 (32) scales xd [k/32] and block sums xs = xd*sum(q)
+    (for the formats that store a minimum). k is a multiple of 32."""
+    for b in range(x.size // QK8_0):
         amax = np.float32(0.0)
-        for j in range(32 * b, 32 * b + 32):
+        for j in range(QK8_0 * b, QK8_0 * b + QK8_0):
             amax = max(amax, abs(x[j]))
         d = amax / np.float32(127.0)
         inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
         total = 0
-        for j in range(32 * b, 32 * b + 32):
+        for j in range(QK8_0 * b, QK8_0 * b + QK8_0):
             q = nearest_int(x[j] * inv)
             xq[j] = q
             total += q
@@ -62,39 +68,39 @@ def _total(acc):
 @njit(cache=True, fastmath=True)
 def dot_f32(w, base, x, acc):
     _reset(acc)
-    nb = x.size // 32
+    nb = x.size // BLOCK
     for b in range(nb):
-        simd.block_f32(acc, b & 3, w, base + 128 * b, x, 32 * b, np.float32(1.0))
+        simd.block_f32(acc, b & 3, w, base + F32_BYTES * BLOCK * b, x, BLOCK * b, np.float32(1.0))
     s = _total(acc)
     wf = w.view(np.float32)
-    for j in range(32 * nb, x.size):
-        s += wf[base // 4 + j] * x[j]
+    for j in range(BLOCK * nb, x.size):
+        s += wf[base // F32_BYTES + j] * x[j]
     return s
 
 
 @njit(cache=True, fastmath=True)
 def dot_f16(w, base, x, acc):
     _reset(acc)
-    nb = x.size // 32
+    nb = x.size // BLOCK
     for b in range(nb):
-        simd.block_f16(acc, b & 3, w, base + 64 * b, x, 32 * b, np.float32(1.0))
+        simd.block_f16(acc, b & 3, w, base + F16_BYTES * BLOCK * b, x, BLOCK * b, np.float32(1.0))
     s = _total(acc)
     wh = w.view(np.uint16)
-    for j in range(32 * nb, x.size):
-        s += fp16_to_fp32(wh[base // 2 + j]) * x[j]
+    for j in range(BLOCK * nb, x.size):
+        s += fp16_to_fp32(wh[base // F16_BYTES + j]) * x[j]
     return s
 
 
 @njit(cache=True, fastmath=True)
 def dot_bf16(w, base, x, acc):
     _reset(acc)
-    nb = x.size // 32
+    nb = x.size // BLOCK
     for b in range(nb):
-        simd.block_bf16(acc, b & 3, w, base + 64 * b, x, 32 * b, np.float32(1.0))
+        simd.block_bf16(acc, b & 3, w, base + BF16_BYTES * BLOCK * b, x, BLOCK * b, np.float32(1.0))
     s = _total(acc)
     wh = w.view(np.uint16)
-    for j in range(32 * nb, x.size):
-        s += bf16_to_fp32(wh[base // 2 + j]) * x[j]
+    for j in range(BLOCK * nb, x.size):
+        s += bf16_to_fp32(wh[base // BF16_BYTES + j]) * x[j]
     return s
 
 
@@ -102,7 +108,7 @@ def dot_bf16(w, base, x, acc):
 def dot_q8_0(w, base, xq, xd, acc):
     _reset(acc)
     for b in range(xd.size):
-        simd.block_q8_0(acc, b & 3, w, base + 34 * b + 2, 0, 0, xq, 32 * b, xd[b], xd[b])
+        simd.block_q8_0(acc, b & 3, w, base + Q8_0_BYTES * b + Q8_0_QS, 0, 0, xq, QK8_0 * b, xd[b], xd[b])
     return _total(acc)
 
 
@@ -110,7 +116,7 @@ def dot_q8_0(w, base, xq, xd, acc):
 def dot_q4_0(w, base, xq, xd, acc):
     _reset(acc)
     for b in range(xd.size):
-        simd.block_q4_0(acc, b & 3, w, base + 18 * b + 2, 0, 0, xq, 32 * b, xd[b], xd[b])
+        simd.block_q4_0(acc, b & 3, w, base + Q4_0_BYTES * b + Q4_0_QS, 0, 0, xq, QK8_0 * b, xd[b], xd[b])
     return _total(acc)
 
 
@@ -119,8 +125,9 @@ def dot_q4_1(w, base, xq, xd, xs, acc):
     _reset(acc)
     mins = np.float32(0.0)
     for b in range(xd.size):
-        simd.block_q4_1(acc, b & 3, w, base + 20 * b + 4, 0, 0, xq, 32 * b, xd[b], xd[b])
-        mins += load_fp16(w, base + 20 * b + 2) * xs[b]
+        o = base + Q4_1_BYTES * b
+        simd.block_q4_1(acc, b & 3, w, o + Q4_1_QS, 0, 0, xq, QK8_0 * b, xd[b], xd[b])
+        mins += load_fp16(w, o + Q4_1_M) * xs[b]
     return _total(acc) + mins
 
 
@@ -128,7 +135,8 @@ def dot_q4_1(w, base, xq, xd, xs, acc):
 def dot_q5_0(w, base, xq, xd, acc):
     _reset(acc)
     for b in range(xd.size):
-        simd.block_q5_0(acc, b & 3, w, base + 22 * b + 6, _load_u32(w, base + 22 * b + 2), 0, xq, 32 * b, xd[b], xd[b])
+        o = base + Q5_0_BYTES * b
+        simd.block_q5_0(acc, b & 3, w, o + Q5_0_QS, _load_u32(w, o + Q5_0_QH), 0, xq, QK8_0 * b, xd[b], xd[b])
     return _total(acc)
 
 
@@ -137,8 +145,9 @@ def dot_q5_1(w, base, xq, xd, xs, acc):
     _reset(acc)
     mins = np.float32(0.0)
     for b in range(xd.size):
-        simd.block_q5_1(acc, b & 3, w, base + 24 * b + 8, _load_u32(w, base + 24 * b + 4), 0, xq, 32 * b, xd[b], xd[b])
-        mins += load_fp16(w, base + 24 * b + 2) * xs[b]
+        o = base + Q5_1_BYTES * b
+        simd.block_q5_1(acc, b & 3, w, o + Q5_1_QS, _load_u32(w, o + Q5_1_QH), 0, xq, QK8_0 * b, xd[b], xd[b])
+        mins += load_fp16(w, o + Q5_1_M) * xs[b]
     return _total(acc) + mins
 
 
@@ -146,19 +155,19 @@ def dot_q5_1(w, base, xq, xd, xs, acc):
 def dot_q4_k(w, base, xq, xd, xs, acc):
     _reset(acc)
     mins = np.float32(0.0)
-    for b in range(xd.size // 8):
-        o = base + 144 * b
-        d = load_fp16(w, o)
-        dmin = load_fp16(w, o + 2)
+    for b in range(xd.size // SUB_BLOCKS):
+        o = base + Q4_K_BYTES * b
+        d = load_fp16(w, o + Q4_K_D)
+        dmin = load_fp16(w, o + Q4_K_DMIN)
         for c in range(4):
             for half in range(2):
-                sb = 8 * b + 2 * c + half
-                sc, m = scale_min_k4(2 * c + half, w, o + 4)
+                sb = SUB_BLOCKS * b + 2 * c + half
+                sc, m = scale_min_k4(2 * c + half, w, o + Q4_K_SCALES)
                 s = d * np.float32(sc) * xd[sb]
                 if half == 0:
-                    simd.block_q4_k_lo(acc, sb & 3, w, o + 16 + 32 * c, 0, 0, xq, 32 * sb, s, s)
+                    simd.block_q4_k_lo(acc, sb & 3, w, o + Q4_K_QS + 32 * c, 0, 0, xq, QK8_0 * sb, s, s)
                 else:
-                    simd.block_q4_k_hi(acc, sb & 3, w, o + 16 + 32 * c, 0, 0, xq, 32 * sb, s, s)
+                    simd.block_q4_k_hi(acc, sb & 3, w, o + Q4_K_QS + 32 * c, 0, 0, xq, QK8_0 * sb, s, s)
                 mins += dmin * np.float32(m) * xs[sb]
     return _total(acc) - mins
 
@@ -167,19 +176,20 @@ def dot_q4_k(w, base, xq, xd, xs, acc):
 def dot_q5_k(w, base, xq, xd, xs, acc):
     _reset(acc)
     mins = np.float32(0.0)
-    for b in range(xd.size // 8):
-        o = base + 176 * b
-        d = load_fp16(w, o)
-        dmin = load_fp16(w, o + 2)
+    for b in range(xd.size // SUB_BLOCKS):
+        o = base + Q5_K_BYTES * b
+        d = load_fp16(w, o + Q5_K_D)
+        dmin = load_fp16(w, o + Q5_K_DMIN)
         for c in range(4):
             for half in range(2):
-                sb = 8 * b + 2 * c + half
-                sc, m = scale_min_k4(2 * c + half, w, o + 4)
+                sb = SUB_BLOCKS * b + 2 * c + half
+                sc, m = scale_min_k4(2 * c + half, w, o + Q5_K_SCALES)
                 s = d * np.float32(sc) * xd[sb]
+                qs = o + Q5_K_QS + 32 * c
                 if half == 0:
-                    simd.block_q5_k_lo(acc, sb & 3, w, o + 48 + 32 * c, o + 16, 2 * c, xq, 32 * sb, s, s)
+                    simd.block_q5_k_lo(acc, sb & 3, w, qs, o + Q5_K_QH, 2 * c, xq, QK8_0 * sb, s, s)
                 else:
-                    simd.block_q5_k_hi(acc, sb & 3, w, o + 48 + 32 * c, o + 16, 2 * c + 1, xq, 32 * sb, s, s)
+                    simd.block_q5_k_hi(acc, sb & 3, w, qs, o + Q5_K_QH, 2 * c + 1, xq, QK8_0 * sb, s, s)
                 mins += dmin * np.float32(m) * xs[sb]
     return _total(acc) - mins
 
@@ -187,20 +197,21 @@ def dot_q5_k(w, base, xq, xd, xs, acc):
 @njit(cache=True, fastmath=True)
 def dot_q6_k(w, base, xq, xd, acc):
     _reset(acc)
-    for b in range(xd.size // 8):
-        o = base + 210 * b
-        d = load_fp16(w, o + 208)
+    for b in range(xd.size // SUB_BLOCKS):
+        o = base + Q6_K_BYTES * b
+        d = load_fp16(w, o + Q6_K_D)
         for half in range(2):
             for k in range(4):       # 32 weights: low bits from ql (nibble k//2 of bytes 32*(k%2)..), high from qh >> 2k
-                sb = 8 * b + 4 * half + k
-                sc = o + 192 + 8 * half + 2 * k
+                sb = SUB_BLOCKS * b + 4 * half + k
+                sc = o + Q6_K_SCALES + 8 * half + 2 * k
                 s0 = d * np.float32(np.int8(w[sc])) * xd[sb]
                 s1 = d * np.float32(np.int8(w[sc + 1])) * xd[sb]
-                ql = o + 64 * half + 32 * (k & 1)
+                ql = o + Q6_K_QL + 64 * half + 32 * (k & 1)
+                qh = o + Q6_K_QH + 32 * half
                 if k < 2:
-                    simd.block_q6_k_lo(acc, k, w, ql, o + 128 + 32 * half, 2 * k, xq, 32 * sb, s0, s1)
+                    simd.block_q6_k_lo(acc, k, w, ql, qh, 2 * k, xq, QK8_0 * sb, s0, s1)
                 else:
-                    simd.block_q6_k_hi(acc, k, w, ql, o + 128 + 32 * half, 2 * k, xq, 32 * sb, s0, s1)
+                    simd.block_q6_k_hi(acc, k, w, ql, qh, 2 * k, xq, QK8_0 * sb, s0, s1)
     return _total(acc)
 
 
@@ -208,7 +219,9 @@ def dot_q6_k(w, base, xq, xd, acc):
 def dot_row(code, w, base, x, xq, xd, xs, acc):
     """w[base:] . x for one weight row of ggml type `code` starting at byte `base` of the flat weight
     bytes w (x is used as floats or through its q8 form). An offset, not a row view: a view costs an
-    atomic incref/decref pair per row, a fifth of the time on 1280-wide rows."""
+    atomic incref/decref pair per row, a fifth of the time on 1280-wide rows. Inlined into the
+    parallel loops of gemv_rows / gemv_experts_rows, which check the code first (check_code): a
+    raise here would serialise them, so an unknown code gets NaN, never a silent wrong type."""
     if code == Q8_0:
         return dot_q8_0(w, base, xq, xd, acc)
     if code == Q4_K:
@@ -229,7 +242,9 @@ def dot_row(code, w, base, x, xq, xd, xs, acc):
         return dot_q4_0(w, base, xq, xd, acc)
     if code == Q4_1:
         return dot_q4_1(w, base, xq, xd, xs, acc)
-    return dot_bf16(w, base, x, acc)
+    if code == BF16:
+        return dot_bf16(w, base, x, acc)
+    return np.float32(np.nan)
 
 
 @njit(cache=True, inline="always")
@@ -241,10 +256,11 @@ def _uses_q8(code):
 def gemv_rows(code, W, x, y, chunks):
     """y[n] = W[n, :] . x  (W: uint8 [n, row_bytes] of ggml type `code`, x: float32 [k]),
     rows split into `chunks` parallel tasks."""
+    check_code(code)
     k = x.size
     xq = np.empty(k if _uses_q8(code) else 0, np.int16)
-    xd = np.empty(k // 32, np.float32)
-    xs = np.empty(k // 32, np.float32)
+    xd = np.empty(k // QK8_0, np.float32)
+    xs = np.empty(k // QK8_0, np.float32)
     if _uses_q8(code):
         quantize_activation(x, xq, xd, xs)
     n, row_bytes = W.shape
@@ -259,8 +275,9 @@ def gemv_rows(code, W, x, y, chunks):
 @njit(cache=True, parallel=True)
 def gemv_experts_rows(code, W3, experts, X, Y, tasks):
     """Y[i, n] = W3[experts[i], n, :] . X[i]  for the routed experts of one token, in one launch."""
+    check_code(code)
     m, k = X.shape
-    nb = k // 32
+    nb = k // QK8_0
     Xq = np.empty((m, k if _uses_q8(code) else 0), np.int16)
     Xd = np.empty((m, nb), np.float32)
     Xs = np.empty((m, nb), np.float32)
@@ -320,6 +337,3 @@ def gemm(code: int, W: np.ndarray, X: np.ndarray, out: np.ndarray, deq: Dequanti
         np.matmul(X, deq.rows(code, W[r:e], k).T, out=out[:, r:e])
     return out
 
-
-def row_bytes(code: int, k: int) -> int:
-    return get_format(code).row_bytes(k)

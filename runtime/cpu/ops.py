@@ -111,14 +111,6 @@ def add_bias(x, b):
             x[i, j] += b[j]
 
 
-def rope_tables(positions: np.ndarray, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin [m, head_dim/2] for NEOX rotation, computed in float32 as the reference does
-    (inv_freq = 1 / theta^(2i/d); angle = position * inv_freq)."""
-    inv = (np.float32(1.0) / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))))
-    ang = positions.astype(np.float32)[:, None] * inv.astype(np.float32)[None, :]
-    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
-
-
 @njit(cache=True, parallel=True)
 def rope_neox(x, n_head, cos, sin):
     # x [m, n_head*d] in place: per head, (x1, x2) halves -> (x1 cos - x2 sin, x2 cos + x1 sin)

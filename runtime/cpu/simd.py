@@ -24,6 +24,11 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from dsocr.quant.layout import (Q4_0_D, Q4_0_QS, Q4_1_D, Q4_1_QS, Q5_0_D, Q5_0_QS, Q5_1_D, Q5_1_QS, Q8_0_D,
+                                Q8_0_QS)
+
+BLOCK = 32   # weights per kernel call: a legacy block, a K-quant sub-block (the vector IR is written for 32)
+
 F32, F16 = ir.FloatType(), ir.HalfType()
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 FAST = ("fast",)
@@ -187,11 +192,11 @@ def _decode_kbits(low_shift, hi_mask, bias):
 
 
 # `off` is the byte offset of the block's quants; the fp16 scale d sits at off + half_scale_at
-block_q8_0 = quant_block_kernel(_decode_i8, half_scale_at=-2)        # d, qs[32]
-block_q4_0 = quant_block_kernel(_decode_nib16(8), half_scale_at=-2)  # d, qs[16]
-block_q4_1 = quant_block_kernel(_decode_nib16(0), half_scale_at=-4)  # d, m, qs[16]
-block_q5_0 = quant_block_kernel(_decode_q5_32(16), half_scale_at=-6)  # d, qh, qs[16]
-block_q5_1 = quant_block_kernel(_decode_q5_32(0), half_scale_at=-8)  # d, m, qh, qs[16]
+block_q8_0 = quant_block_kernel(_decode_i8, half_scale_at=Q8_0_D - Q8_0_QS)
+block_q4_0 = quant_block_kernel(_decode_nib16(8), half_scale_at=Q4_0_D - Q4_0_QS)
+block_q4_1 = quant_block_kernel(_decode_nib16(0), half_scale_at=Q4_1_D - Q4_1_QS)
+block_q5_0 = quant_block_kernel(_decode_q5_32(16), half_scale_at=Q5_0_D - Q5_0_QS)
+block_q5_1 = quant_block_kernel(_decode_q5_32(0), half_scale_at=Q5_1_D - Q5_1_QS)
 block_q4_k_lo = quant_block_kernel(_decode_kbits(0, 0, 0))
 block_q4_k_hi = quant_block_kernel(_decode_kbits(4, 0, 0))
 block_q5_k_lo = quant_block_kernel(_decode_kbits(0, 1, 0))

@@ -1,7 +1,8 @@
-"""The CUDA backend (numba.cuda; the optional `numba-cuda` package on real GPUs): the same ops as
-the CPU backend, so the model graphs run unchanged. Weights are uploaded once, still in their ggml
-blocks; activations stay on the device between ops; in decode only the token id goes up and the
-logits row comes back (routing stays on the device too).
+"""The CUDA backend (numba.cuda; the optional `numba-cuda` package on real GPUs): the ops of the
+backend contract (runtime/backend.py), as the CPU backend, so the model graphs run unchanged.
+Weights are uploaded once, still in their ggml blocks; activations stay on the device between
+ops; in decode only the token id goes up and the logits row comes back (routing stays on the
+device too).
 
 Under NUMBA_ENABLE_CUDASIM=1 the kernels run in numba's simulator (one Python thread per CUDA
 thread), which is how the tests check them without a GPU: blocks are kept small there.
@@ -12,9 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dsocr.runtime.cpu import ops as cpu_ops
+from dsocr.quant.layout import check_code
 from dsocr.runtime.errors import ModelError
 from dsocr.runtime.gguf_file import Tensor
+from dsocr.runtime.rope import rope_tables
 
 
 @dataclass
@@ -41,10 +43,10 @@ class CUDABackend:
         if not available:
             raise ModelError("--device cuda: no usable NVIDIA GPU or CUDA driver was found "
                              "(install the driver and `pip install -e '.[cuda]'` in the dsocr checkout, or use --device cpu)")
-        from dsocr.runtime.cuda import kernels as K
-        self.cuda, self.K = cuda, K
+        from dsocr.runtime.cuda import attention, matmul, ops
+        self.cuda, self.mm, self.ops, self.attn = cuda, matmul, ops, attention
         self.simulated = bool(config.ENABLE_CUDASIM)
-        self.tpb = threads_per_block or (8 if self.simulated else K.THREADS)
+        self.tpb = threads_per_block or (8 if self.simulated else ops.THREADS)
         self.max_blocks = 8 if self.simulated else 4096     # grid-stride kernels: enough to fill the GPU
         self._rope: dict = {}
 
@@ -57,6 +59,7 @@ class CUDABackend:
         return hasattr(a, "copy_to_host")     # numba's device arrays, real or simulated
 
     def weight(self, t: Tensor) -> DeviceTensor:
+        check_code(t.code)      # the kernels' weight_at cannot raise on the device
         raw = t.raw.reshape(t.raw.shape[0], t.raw.shape[1], -1) if t.raw.ndim == 3 else t.rows2d
         return DeviceTensor(t.name, t.qtype, t.shape, self.cuda.to_device(np.ascontiguousarray(raw)))
 
@@ -83,15 +86,15 @@ class CUDABackend:
         m, k = x.shape
         n = w.shape[0]
         out = self.empty((m, n)) if out is None else out
-        if m <= self.K.MAX_ROWS:
-            self.K.gemv[n, self.tpb](w.raw, w.code, x, out)
+        if m <= self.mm.MAX_ROWS:
+            self.mm.gemv[n, self.tpb](w.raw, w.code, x, out)
         else:
-            t = self.K.TILE
-            self.K.gemm[((n + t - 1) // t, (m + t - 1) // t), (t, t)](w.raw, w.code, x, out)
+            t = self.mm.TILE
+            self.mm.gemm[((n + t - 1) // t, (m + t - 1) // t), (t, t)](w.raw, w.code, x, out)
         return out
 
     def matmul_experts(self, x, w: DeviceTensor, experts, out):
-        self.K.gemv_experts[(w.shape[1], x.shape[0]), self.tpb](w.raw, w.code, self._ints(experts), x, out)
+        self.mm.gemv_experts[(w.shape[1], x.shape[0]), self.tpb](w.raw, w.code, self._ints(experts), x, out)
         return out
 
     def expert_matmul(self, x, w: DeviceTensor, e: int, out=None):
@@ -99,58 +102,58 @@ class CUDABackend:
 
     def embed(self, t: DeviceTensor, ids):
         out = self.empty((len(ids), t.shape[-1]))
-        self.K.embed_rows[len(ids), self.tpb](t.raw, t.code, self._ints(np.asarray(ids)), out)
+        self.mm.embed_rows[len(ids), self.tpb](t.raw, t.code, self._ints(np.asarray(ids)), out)
         return out
 
     # ---- row plumbing
     def take_rows(self, x, rows):
         rows = np.asarray(rows, np.int64)
         out = self.empty((len(rows), x.shape[1]))
-        self.K.copy_rows[len(rows), self.tpb](x, self._ints(rows), out, 0)
+        self.ops.copy_rows[len(rows), self.tpb](x, self._ints(rows), out, 0)
         return out
 
     def repeat_rows(self, x, k: int):
         out = self.empty((k, x.shape[1]))
-        self.K.repeat_row[k, self.tpb](x, out)
+        self.ops.repeat_row[k, self.tpb](x, out)
         return out
 
     def concat_rows(self, a, b):
         out = self.empty((a.shape[0] + b.shape[0], a.shape[1]))
-        self.K.copy_range[a.shape[0], self.tpb](a, out, 0)
-        self.K.copy_range[b.shape[0], self.tpb](b, out, a.shape[0])
+        self.ops.copy_range[a.shape[0], self.tpb](a, out, 0)
+        self.ops.copy_range[b.shape[0], self.tpb](b, out, a.shape[0])
         return out
 
     def concat_cols(self, a, b):
         out = self.empty((a.shape[0], a.shape[1] + b.shape[1]))
-        self.K.copy_cols[a.shape[0], self.tpb](a, out, 0)
-        self.K.copy_cols[b.shape[0], self.tpb](b, out, a.shape[1])
+        self.ops.copy_cols[a.shape[0], self.tpb](a, out, 0)
+        self.ops.copy_cols[b.shape[0], self.tpb](b, out, a.shape[1])
         return out
 
     def weighted_sum_into(self, out, y, w) -> None:
-        self.K.weighted_sum_into[self._grid(out.shape[1]), self.tpb](out, y, self.asarray(w))
+        self.ops.weighted_sum_into[self._grid(out.shape[1]), self.tpb](out, y, self.asarray(w))
 
     def scatter_add_rows(self, out, rows, y, w) -> None:
-        self.K.scatter_add_rows[len(rows), self.tpb](out, self._ints(rows), y, self.asarray(w))
+        self.ops.scatter_add_rows[len(rows), self.tpb](out, self._ints(rows), y, self.asarray(w))
 
     def route(self, logits, k: int):
         m = logits.shape[0]
         idx, w = self.cuda.device_array((m, k), np.int64), self.empty((m, k))
-        self.K.route_topk[self._grid(m), self.tpb](logits, k, idx, w)
+        self.ops.route_topk[self._grid(m), self.tpb](logits, k, idx, w)
         return idx, w
 
     # ---- elementwise
     def _elementwise(self, code, a, b, out) -> None:
         n = out.size
-        self.K.elementwise[self._grid(n), self.tpb](code, a.reshape(n), b.reshape(n), out.reshape(n))
+        self.ops.elementwise[self._grid(n), self.tpb](code, a.reshape(n), b.reshape(n), out.reshape(n))
 
     def rmsnorm(self, x, w, eps, out):
-        self.K.rmsnorm[x.shape[0], self.tpb](x, w, np.float32(eps), out)
+        self.ops.rmsnorm[x.shape[0], self.tpb](x, w, np.float32(eps), out)
 
     def layernorm(self, x, w, b, eps, out):
-        self.K.layernorm[x.shape[0], self.tpb](x, w, b, np.float32(eps), out)
+        self.ops.layernorm[x.shape[0], self.tpb](x, w, b, np.float32(eps), out)
 
-    def silu_mul(self, g, u, out):
-        self._elementwise(0, g, u, out)
+    def silu_mul(self, gate, up, out):
+        self._elementwise(0, gate, up, out)
 
     def gelu(self, x, out):
         self._elementwise(1, x, x, out)
@@ -162,23 +165,23 @@ class CUDABackend:
         self._elementwise(3, x, y, x)
 
     def add_bias(self, x, b):
-        self.K.add_bias[self._grid(x.shape[0] * x.shape[1]), self.tpb](x, b)
+        self.ops.add_bias[self._grid(x.shape[0] * x.shape[1]), self.tpb](x, b)
 
     def softmax(self, x, out):
-        self.K.softmax_rows[x.shape[0], self.tpb](x, out)
+        self.ops.softmax_rows[x.shape[0], self.tpb](x, out)
 
     def rope(self, x, n_head: int, positions, theta: float) -> None:
         """positions are consecutive (a chunk of the sequence): the kernel indexes device tables."""
         pos0, d = int(positions[0]), x.shape[1] // n_head
         cos, sin = self._rope_tables(d, float(theta), pos0 + x.shape[0])
         n = x.shape[0] * x.shape[1] // 2
-        self.K.rope_neox[self._grid(n), self.tpb](x, n_head, cos, sin, pos0)
+        self.ops.rope_neox[self._grid(n), self.tpb](x, n_head, cos, sin, pos0)
 
     def _rope_tables(self, d: int, theta: float, n_pos: int):
         # made once and regrown by doubling, so decode steps upload nothing
         have = self._rope.get((d, theta))
         if have is None or have[0].shape[0] < n_pos:
-            cos, sin = cpu_ops.rope_tables(np.arange(max(4096, 2 * n_pos)), d, theta)
+            cos, sin = rope_tables(np.arange(max(4096, 2 * n_pos)), d, theta)
             have = self._rope[(d, theta)] = (self.asarray(cos), self.asarray(sin))
         return have
 
@@ -188,14 +191,14 @@ class CUDABackend:
         return [(self.zeros((n_ctx, width)), self.zeros((n_ctx, width))) for _ in range(n_layer)]
 
     def cache_store(self, src, cache, pos0: int) -> None:
-        self.K.copy_range[src.shape[0], self.tpb](src, cache, pos0)
+        self.ops.copy_range[src.shape[0], self.tpb](src, cache, pos0)
 
     def attention_causal(self, q, kc, vc, pos0: int, n_head: int, out) -> None:
         m = q.shape[0]
         scores = self.empty((m * n_head, pos0 + m))
-        self.K.attention_causal[(m, n_head), self.tpb](q, kc, vc, pos0, n_head, scores, out)
+        self.attn.attention_causal[(m, n_head), self.tpb](q, kc, vc, pos0, n_head, scores, out)
 
-    def attention(self, q, k, v, n_head: int, relpos=None, chunk_bytes: int = 256 << 20):
+    def attention(self, q, k, v, n_head: int, relpos=None, *, chunk_bytes: int = 256 << 20):
         B, n, c = q.shape
         out = self.empty((B, n, c))
         if relpos is None:
@@ -203,14 +206,14 @@ class CUDABackend:
             H = W = 1
         else:
             Rh, Rw, H, W = relpos
-            if max(H, W) > self.K.THREADS:
-                raise ModelError(f"relative-position grid {H}x{W} is over {self.K.THREADS} on the CUDA backend")
+            if max(H, W) > self.ops.THREADS:
+                raise ModelError(f"relative-position grid {H}x{W} is over {self.ops.THREADS} on the CUDA backend")
             Rh, Rw = self.asarray(Rh), self.asarray(Rw)
         rows = max(1, min(n, chunk_bytes // (4 * n * n_head * B)))
         scores = self.empty((rows * n_head * B, n))
         for r0 in range(0, n, rows):
             r = min(rows, n - r0)
-            self.K.attention_full[(r, n_head, B), self.tpb](q, k, v, n_head, Rh, Rw, H, W, relpos is not None, r0,
+            self.attn.attention_full[(r, n_head, B), self.tpb](q, k, v, n_head, Rh, Rw, H, W, relpos is not None, r0,
                                                              scores, out)
         return out
 
@@ -219,17 +222,17 @@ class CUDABackend:
         H, W, C = x.shape
         ho, wo = (H + 2 * pad - k) // stride + 1, (W + 2 * pad - k) // stride + 1
         cols = self.empty((ho * wo, C * k * k))
-        self.K.im2col[self._grid(cols.size), self.tpb](self.asarray(x), k, stride, pad, cols)
+        self.ops.im2col[self._grid(cols.size), self.tpb](self.asarray(x), k, stride, pad, cols)
         y = self.matmul(cols, w)
         if bias is not None:
             self.add_bias(y, bias)
         return y.reshape(ho, wo, w.shape[0])
 
     def window_partition(self, x, ws: int, out) -> None:
-        self.K.window_partition[self._grid(out.size), self.tpb](x, ws, out)
+        self.ops.window_partition[self._grid(out.size), self.tpb](x, ws, out)
 
     def window_unpartition(self, win, ws: int, out) -> None:
-        self.K.window_unpartition[self._grid(out.size), self.tpb](win, ws, out)
+        self.ops.window_unpartition[self._grid(out.size), self.tpb](win, ws, out)
 
     def synchronize(self) -> None:
         self.cuda.synchronize()
