@@ -19,6 +19,7 @@ import numpy as np
 
 from dsocr.runtime.errors import ModelError
 from dsocr.runtime.gguf_file import GGUFFile
+from dsocr.runtime.tap import Callback, Tap, callback
 from dsocr.runtime.tensor_specs import lm_params_problem, lm_shapes, read_key
 
 ARCH = "deepseek2-ocr"
@@ -94,7 +95,6 @@ class LanguageModel:
         self.output_norm = backend.table(get("output_norm.weight"))
         self.output = backend.weight(get("output.weight"))
         self.layers = [Layer(get, backend, i, i < p.n_dense) for i in range(p.n_layer)]
-        self.routing: dict[int, tuple[np.ndarray, np.ndarray]] | None = None   # set to {} to record top-k
 
     def new_cache(self, n_ctx: int, f16: bool = True):
         return self.be.kv_cache(self.p.n_layer, n_ctx, self.p.n_embd, f16)
@@ -102,41 +102,52 @@ class LanguageModel:
     def embed(self, ids) -> np.ndarray:
         return self.be.embed(self.token_embd, np.asarray(ids, np.int64))
 
-    def forward(self, x, pos0: int, cache, logits_rows=None, hidden=None):
+    def forward(self, x, pos0: int, cache, logits_rows=None, tap: Tap | None = None):
         """x [m, H] embeddings of positions pos0..pos0+m-1 -> logits [r, V] for `logits_rows`
-        (default: the last row). `hidden`, a list, receives each layer's input and the final norm."""
+        (default: the last row). `tap` is handed the named intermediates (runtime.tap lists them)."""
         be, p = self.be, self.p
+        cb = callback(tap, be)
         m = x.shape[0]
         positions = np.arange(pos0, pos0 + m)
         h = be.empty((m, p.n_embd))
+        cb(x, "inp_embd")
         for i, layer in enumerate(self.layers):
-            if hidden is not None:
-                hidden.append(be.to_host(x).copy())
             be.rmsnorm(x, layer.attn_norm, p.eps, h)
-            be.add(x, self.attention(h, layer, cache[i], pos0, positions))
+            cb(h, "attn_norm", i)
+            be.add(x, self.attention(h, layer, cache[i], pos0, positions, cb, i))
+            cb(x, "ffn_inp", i)
             be.rmsnorm(x, layer.ffn_norm, p.eps, h)
-            be.add(x, self.mlp(h, layer.gate, layer.up, layer.down) if layer.dense else self.moe(h, layer, i))
+            cb(h, "ffn_norm", i)
+            ffn = self.mlp(h, layer.gate, layer.up, layer.down) if layer.dense else self.moe(h, layer, cb, i)
+            cb(ffn, "ffn_out", i)
+            be.add(x, ffn)
+            cb(x, "l_out", i)
         rows = np.array([m - 1]) if logits_rows is None else np.arange(m) if isinstance(logits_rows, str) \
             else np.asarray(logits_rows)
-        if hidden is not None:
-            final = be.empty((m, p.n_embd))
-            be.rmsnorm(x, self.output_norm, p.eps, final)
-            hidden.append(be.to_host(final).copy())
         out = be.empty((len(rows), p.n_embd))
         be.rmsnorm(x if len(rows) == m and rows[0] == 0 else be.take_rows(x, rows), self.output_norm, p.eps, out)
-        return be.matmul(out, self.output)
+        cb(out, "result_norm")
+        logits = be.matmul(out, self.output)
+        cb(logits, "result_output")
+        return logits
 
-    def attention(self, h, layer: Layer, kv, pos0: int, positions: np.ndarray):
+    def attention(self, h, layer: Layer, kv, pos0: int, positions: np.ndarray, cb: Callback, il: int):
         # h [m, H] -> [m, H]; writes this chunk's k, v into the cache at pos0
         be, p = self.be, self.p
         q, k, v = be.matmul(h, layer.wq), be.matmul(h, layer.wk), be.matmul(h, layer.wv)
         be.rope(q, p.n_head, positions, p.rope_theta)
         be.rope(k, p.n_head, positions, p.rope_theta)
+        cb(q, "Qcur", il)
+        cb(k, "Kcur", il)
+        cb(v, "Vcur", il)
         be.cache_store(k, kv[0], pos0)
         be.cache_store(v, kv[1], pos0)
         a = be.empty(q.shape)
         be.attention_causal(q, kv[0], kv[1], pos0, p.n_head, a)
-        return be.matmul(a, layer.wo)
+        cb(a, "kqv_out", il)
+        out = be.matmul(a, layer.wo)
+        cb(out, "attn_out", il)
+        return out
 
     def mlp(self, h, gate, up, down):
         # down(silu(gate h) * up h)
@@ -144,18 +155,21 @@ class LanguageModel:
         self.be.silu_mul(g, u, g)
         return self.be.matmul(g, down)
 
-    def moe(self, h, layer: Layer, i: int):
+    def moe(self, h, layer: Layer, cb: Callback, il: int):
         # sum_k w_k expert_k(h) + shared(h), experts picked per token by softmax(router h), top-k
         be, p = self.be, self.p
         m = h.shape[0]
-        idx, w = be.route(be.matmul(h, layer.router), p.n_expert_used)
+        logits = be.matmul(h, layer.router)
+        cb(logits, "ffn_moe_logits", il)
+        idx, w = be.route(logits, p.n_expert_used)
         if p.expert_norm or p.expert_scale != 1.0:   # DeepSeek-OCR uses neither; other files may
             wh = be.to_host(w)
             wh = wh / wh.sum(axis=1, keepdims=True) if p.expert_norm else wh
             w = be.asarray(wh * np.float32(p.expert_scale))
-        if self.routing is not None:
-            self.routing[i] = (be.to_host(idx).copy(), be.to_host(w).copy())
+        cb(idx, "ffn_moe_topk", il)
+        cb(w, "ffn_moe_weights", il)
         out = self.mlp(h, layer.gate_sh, layer.up_sh, layer.down_sh)
+        cb(out, "ffn_shexp", il)
         if m == 1:
             return self._experts_one_token(h, layer, idx, w, out)
         return self._experts_grouped(h, layer, be.to_host(idx), be.to_host(w), out)

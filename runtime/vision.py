@@ -27,6 +27,7 @@ import numpy as np
 from dsocr.runtime.errors import ModelError
 from dsocr.runtime.gguf_file import GGUFFile
 from dsocr.runtime.preprocess import PreparedImage
+from dsocr.runtime.tap import Callback, Tap, callback
 from dsocr.runtime.tensor_specs import read_key, resolve_widths, vision_params_problem, vision_shapes
 
 
@@ -205,7 +206,7 @@ class VisionModel:
         return relative_table(b.rel_h, size), relative_table(b.rel_w, size)
 
     # ---- SAM
-    def sam(self, pixels: np.ndarray) -> np.ndarray:
+    def sam(self, pixels: np.ndarray, cb: Callback) -> np.ndarray:
         """[3, S, S] -> [(S/64)^2, C_out] features, rows in (y, x) order."""
         be, p = self.be, self.p
         S = pixels.shape[-1]
@@ -214,6 +215,7 @@ class VisionModel:
         x = be.conv2d(be.asarray(pixels.transpose(1, 2, 0)), self.patch_w, k, k, 0, self.patch_b)   # [g, g, C]
         x = x.reshape(g * g, p.sam_width)
         be.add(x, self.device_table("sam_pos", g))
+        cb(x, "sam.inp_embd")
         h = be.empty(x.shape)
         for i, blk in enumerate(self.sam_blocks):
             be.layernorm(x, blk.ln1_w, blk.ln1_b, p.sam_eps, h)
@@ -236,15 +238,19 @@ class VisionModel:
             m2 = be.matmul(m, blk.fc2)
             be.add_bias(m2, blk.fc2_b)
             be.add(x, m2)
+            cb(x, "sam.l_out", i)
         # neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d (no biases, no activation), then /2, /2
         y = be.matmul(x, self.neck0)                                          # [g*g, C_neck]
         be.layernorm(y, self.neck1[0], self.neck1[1], p.sam_eps, y)
         y = be.conv2d(y.reshape(g, g, -1), self.neck2, 3, 1, 1)
         yy = y.reshape(g * g, -1)
         be.layernorm(yy, self.neck3[0], self.neck3[1], p.sam_eps, yy)
+        cb(yy, "sam.neck")
         y = be.conv2d(y, self.net2, 3, 2, 1)
         y = be.conv2d(y, self.net3, 3, 2, 1)
-        return y.reshape(y.shape[0] * y.shape[1], y.shape[2])
+        out = y.reshape(y.shape[0] * y.shape[1], y.shape[2])
+        cb(out, "sam.out")
+        return out
 
     def sam_attention(self, x: np.ndarray, blk: SamBlock, i: int, size: int) -> np.ndarray:
         # x [B, size*size, C] (windows, or the whole grid) -> [B, size*size, C]
@@ -260,16 +266,17 @@ class VisionModel:
         return out.reshape(B, n, c)
 
     # ---- CLIP
-    def clip(self, feats: np.ndarray) -> np.ndarray:
+    def clip(self, feats: np.ndarray, cb: Callback) -> np.ndarray:
         """[g*g, C_clip] SAM features as patches -> [1 + g*g, C_clip]."""
         be, p = self.be, self.p
         g = int(math.isqrt(feats.shape[0]))
         x = be.concat_rows(self.device_table("class", 0), feats)
         be.add(x, self.device_table("clip_pos", g))
         be.layernorm(x, self.pre_ln[0], self.pre_ln[1], p.clip_eps, x)
+        cb(x, "clip.inp_embd")
         h = be.empty(x.shape)
         n, c = x.shape
-        for blk in self.clip_blocks:
+        for i, blk in enumerate(self.clip_blocks):
             be.layernorm(x, blk.ln1_w, blk.ln1_b, p.clip_eps, h)
             qkv = be.matmul(h, blk.qkv)
             be.add_bias(qkv, blk.qkv_b)
@@ -285,36 +292,38 @@ class VisionModel:
             m2 = be.matmul(m, blk.fc2)
             be.add_bias(m2, blk.fc2_b)
             be.add(x, m2)
+            cb(x, "clip.l_out", i)
+        cb(x, "clip.out")
         return x
 
-    def encode_view(self, pixels: np.ndarray, trace: dict | None = None) -> np.ndarray:
-        """One view -> projected features [g*g, H] (grid rows)."""
+    def encode_view(self, pixels: np.ndarray, tap: Tap | None = None) -> np.ndarray:
+        """One view -> projected features [g*g, H] (grid rows). `tap` is handed the named
+        intermediates (runtime.tap lists them)."""
         be = self.be
-        sam = self.sam(pixels)
-        clip = self.clip(sam)
+        cb = callback(tap, be)
+        sam = self.sam(pixels, cb)
+        clip = self.clip(sam, cb)
         feats = be.concat_cols(be.take_rows(clip, np.arange(1, clip.shape[0])), sam)
         out = be.matmul(feats, self.proj_w)
         be.add_bias(out, self.proj_b)
-        if trace is not None:
-            trace.setdefault("sam", []).append(be.to_host(sam).copy())
-            trace.setdefault("clip", []).append(be.to_host(clip).copy())
-            trace.setdefault("projector", []).append(be.to_host(out).copy())
+        cb(out, "projector.out")
         return be.to_host(out)
 
-    def image_embeddings(self, img: PreparedImage, trace: dict | None = None, progress=None) -> np.ndarray:
-        """The rows an image's <image> tokens take: tiles grid + newlines, global grid + newlines, separator."""
+    def image_embeddings(self, img: PreparedImage, tap: Tap | None = None, progress=None) -> np.ndarray:
+        """The rows an image's <image> tokens take: tiles grid + newlines, global grid + newlines,
+        separator. `tap` sees each view's intermediates, the tiles' first."""
         rows = []
         if img.tiles:
             feats = []
             for i, t in enumerate(img.tiles):
-                feats.append(self.encode_view(t, trace))
+                feats.append(self.encode_view(t, tap))
                 if progress:
                     progress(i + 1, len(img.tiles) + 1)
             q = int(math.isqrt(feats[0].shape[0]))
             w, h = img.grid
             grid = np.stack(feats).reshape(h, w, q, q, -1).transpose(0, 2, 1, 3, 4).reshape(h * q, w * q, -1)
             rows.append(self._with_newlines(grid))
-        glob = self.encode_view(img.global_view, trace)
+        glob = self.encode_view(img.global_view, tap)
         if progress:
             progress(len(img.tiles) + 1, len(img.tiles) + 1)
         q = int(math.isqrt(glob.shape[0]))

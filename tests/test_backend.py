@@ -15,7 +15,7 @@ from conftest import REPO
 
 BACKENDS = [CPUBackend, CUDABackend]
 # the modules that drive a backend, and the names they hold it by
-DRIVERS = ["runtime/language.py", "runtime/vision.py", "runtime/generate.py", "runtime/engine.py"]
+DRIVERS = ["runtime/language.py", "runtime/vision.py", "runtime/tap.py", "runtime/generate.py", "runtime/engine.py"]
 HOLDERS = {"be", "backend"}
 
 

@@ -284,6 +284,7 @@ def test_vision_graph_runs_unchanged_on_the_device(be, converted):
     (4x4 patches, padded windows included): every op of the real graph, a hundredth of the work."""
     import dataclasses
     from dsocr.runtime.gguf_file import GGUFFile
+    from dsocr.runtime.tap import Recorder
     from dsocr.runtime.vision import VisionModel
     f = GGUFFile(converted("bf16", "f32")[1])
 
@@ -295,9 +296,12 @@ def test_vision_graph_runs_unchanged_on_the_device(be, converted):
         return v
     size = 64 if SIMULATED else 640
     pixels = np.random.default_rng(0).standard_normal((3, size, size)).astype(np.float32)
-    want = encoder(cpu).encode_view(pixels)
+    want_stages, got_stages = Recorder("*.out"), Recorder("*.out")
+    want = encoder(cpu).encode_view(pixels, tap=want_stages)
     device = type(be)(threads_per_block=2) if SIMULATED else be
-    assert rel_err(encoder(device).encode_view(pixels), want) < 1e-5
+    assert rel_err(encoder(device).encode_view(pixels, tap=got_stages), want) < 1e-5
+    for stage in ("sam.out", "clip.out"):          # the tap brings the device's intermediates to the host
+        assert rel_err(got_stages.values[stage][0], want_stages.values[stage][0]) < 1e-5, stage
 
 
 @pytest.mark.parametrize("code", [int(QT.Q8_1), int(QT.Q2_K), 99])

@@ -18,6 +18,7 @@ from dsocr.runtime.cpu import CPUBackend
 from dsocr.runtime.generate import GenerationResult, SamplingParams, banned_ngram_tokens, generate
 from dsocr.runtime.gguf_file import GGUFFile
 from dsocr.runtime.language import LanguageModel
+from dsocr.runtime.tap import Recorder
 from dsocr.runtime.tokenizer import TextTokenizer
 
 from conftest import CASES, TINY, check_near_ties, teacher_forced_deviation
@@ -58,18 +59,22 @@ def golden_greedy(lm, z, f16_cache=False):
 def test_f32_model_matches_goldens(converted, llamacpp_file, goldens, source):
     path = converted("f32", "f32")[0] if source == "ours" else llamacpp_file("tiny-dsocr-lm-f32.gguf")
     lm = LanguageModel(GGUFFile(path), CPUBackend())
+    # HF's hidden states: each layer's input, then the final norm (of the logits rows, the same rows)
+    layer_inputs = ["inp_embd"] + [f"l_out-{i}" for i in range(lm.p.n_layer - 1)]
     for case, z in goldens.items():
+        assert np.array_equal(z["hidden_states_rows"], z["logits_rows"]), case
         x = z["inputs_embeds"].copy()
-        lm.routing, hidden = {}, []
-        logits = lm.forward(x, 0, lm.new_cache(x.shape[0], f16=False), logits_rows=z["logits_rows"], hidden=hidden)
+        rec = Recorder(*layer_inputs, "result_norm", "ffn_moe_topk-*", "ffn_moe_weights-*")
+        logits = lm.forward(x, 0, lm.new_cache(x.shape[0], f16=False), logits_rows=z["logits_rows"], tap=rec)
         gl = z["logits"]
         assert np.abs(logits - gl).max() / np.abs(gl).max() < 1e-4, case
-        hs = np.array(hidden)[:, z["hidden_states_rows"]]
+        hs = np.array([rec.values[name][0][z["hidden_states_rows"]] for name in layer_inputs]
+                      + [rec.values["result_norm"][0]])
         assert np.abs(hs - z["hidden_states"]).max() / np.abs(z["hidden_states"]).max() < 1e-4, case
         for layer in (1, 2):
-            assert np.array_equal(lm.routing[layer][0], z[f"moe_topk_idx_layer{layer}"]), (case, layer)
-            assert np.allclose(lm.routing[layer][1], z[f"moe_topk_weight_layer{layer}"], rtol=1e-4, atol=1e-6)
-        lm.routing = None
+            topk, weights = rec.values[f"ffn_moe_topk-{layer}"][0], rec.values[f"ffn_moe_weights-{layer}"][0]
+            assert np.array_equal(topk, z[f"moe_topk_idx_layer{layer}"]), (case, layer)
+            assert np.allclose(weights, z[f"moe_topk_weight_layer{layer}"], rtol=1e-4, atol=1e-6)
         assert golden_greedy(lm, z) == list(z["generated_ids"]), case
 
 

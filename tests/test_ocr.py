@@ -23,6 +23,7 @@ from dsocr.runtime.grounding import clean_markdown, draw_boxes, parse, save_outp
 from dsocr.runtime.pdf import parse_pages
 from dsocr.runtime.preprocess import (ViewConfig, build_prompt_ids, candidate_grids, choose_grid, prepare_image,
                                       read_image_file)
+from dsocr.runtime.tap import Recorder
 from dsocr.runtime.vision import VisionModel
 
 from conftest import CASES, TINY, check_near_ties, teacher_forced_deviation
@@ -97,16 +98,17 @@ def sam_rows(a):
 def test_vision_tower_matches_goldens(vision, name):
     meta, z = case(name)
     img = prepare_image(read_image_file(TINY / meta["image"]), view_of(meta))
-    trace = {}
-    rows = vision.image_embeddings(img, trace)
+    rec = Recorder("sam.out", "clip.out", "projector.out")
+    rows = vision.image_embeddings(img, rec)
+    sam, clip, projector = (rec.values[stage] for stage in ("sam.out", "clip.out", "projector.out"))
     n = len(img.tiles)
-    assert rel(trace["sam"][n], sam_rows(z["sam_features_global"])[0]) < TOL
-    assert rel(trace["clip"][n], z["clip_features_global"][0]) < TOL
-    assert rel(trace["projector"][n], z["projector_global"][0]) < TOL
+    assert rel(sam[n], sam_rows(z["sam_features_global"])[0]) < TOL
+    assert rel(clip[n], z["clip_features_global"][0]) < TOL
+    assert rel(projector[n], z["projector_global"][0]) < TOL
     for i in range(n):
-        assert rel(trace["sam"][i], sam_rows(z["sam_features_crops"])[i]) < TOL
-        assert rel(trace["clip"][i], z["clip_features_crops"][i]) < TOL
-        assert rel(trace["projector"][i], z["projector_crops"][i]) < TOL
+        assert rel(sam[i], sam_rows(z["sam_features_crops"])[i]) < TOL
+        assert rel(clip[i], z["clip_features_crops"][i]) < TOL
+        assert rel(projector[i], z["projector_crops"][i]) < TOL
     assert rel(rows, z["inputs_embeds"][z["images_seq_mask"]]) < TOL
 
 
