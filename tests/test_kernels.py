@@ -3,7 +3,8 @@
 Tolerances: float kernels 1e-5 relative to the output's magnitude (float32 summation-order
 differences); the quantized GEMV is compared with float64 numpy on the *same* int8 activation
 (the kernel quantizes x to q8 blocks, as ggml does), so it is exact up to float32 rounding:
-2e-5 relative."""
+2e-5 relative. On AVX-512 VNNI hosts gemv runs the vpdpbusd kernels for Q8_0 and Q4_K, and
+test_vnni_dots_equal_portable_and_numpy also compares them with the portable ones."""
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ from gguf import GGMLQuantizationType as QT
 
 from dsocr import quant
 from dsocr.runtime.cpu import CPUBackend, matmul as mm, ops
+from dsocr.runtime.cpu.features import AVX512_VNNI
 from dsocr.runtime.gguf_file import Tensor
 
 FLOAT_TYPES = [QT.F32, QT.F16, QT.BF16]
@@ -82,6 +84,39 @@ def test_gemv_experts(qtype):
     for i, e in enumerate(experts):
         xx = X[i].astype(np.float64) if qtype == QT.F16 else q8_activation(X[i])[0]
         assert rel_err(Y[i], wd[e] @ xx) < 2e-5
+
+
+@pytest.mark.skipif(not AVX512_VNNI, reason="host has no AVX-512 VNNI")
+@pytest.mark.parametrize("qtype,k", [(QT.Q8_0, 1280), (QT.Q8_0, 1312), (QT.Q4_K, 1280), (QT.Q6_K, 1280)],
+                         ids=["Q8_0", "Q8_0-odd-blocks", "Q4_K", "Q6_K"])
+def test_vnni_dots_equal_portable_and_numpy(qtype, k):
+    """The vpdpbusd row dots (two blocks per instruction, int8 activation) against the portable ones on
+    the same rows, and gguf dequantize + numpy. Their integer block sums are exact, so they differ from
+    the portable kernels only by float32 summation order: 2e-6 of the output's magnitude. Q8_0 rows
+    include the quant -128 (|w| = 128 as an unsigned byte in the sign trick)."""
+    rng = np.random.default_rng(k + int(qtype))
+    n = 37
+    raw = quant.quantize((rng.standard_normal((n, k)) * 0.05).astype(np.float32), qtype)
+    if qtype == QT.Q8_0:
+        qs = raw.reshape(n, -1, 34)[:, :, 2:]
+        qs[rng.random(qs.shape) < 0.05] = 0x80
+    wd = quant.dequantize(raw, qtype).astype(np.float64)
+    x = rng.standard_normal(k).astype(np.float32)
+    xq, xd, xs = np.empty(k, np.int16), np.empty(k // 32, np.float32), np.empty(k // 32, np.float32)
+    mm.quantize_activation(x, xq, xd, xs)
+    xb, acc, flat = xq.astype(np.int8), np.empty(mm.ACC, np.float32), raw.reshape(-1)
+    rows = range(0, raw.nbytes, raw.shape[1])
+    if qtype == QT.Q8_0:
+        got = [mm.dot_q8_0_vnni(flat, r, xb, xd, acc) for r in rows]
+        portable = [mm.dot_q8_0(flat, r, xq, xd, acc) for r in rows]
+    elif qtype == QT.Q4_K:
+        got = [mm.dot_q4_k_vnni(flat, r, xb, xd, xs, acc) for r in rows]
+        portable = [mm.dot_q4_k(flat, r, xq, xd, xs, acc) for r in rows]
+    else:
+        got = [mm.dot_q6_k_vnni(flat, r, xb, xd, acc) for r in rows]
+        portable = [mm.dot_q6_k(flat, r, xq, xd, acc) for r in rows]
+    assert rel_err(got, np.asarray(portable, np.float64)) < 2e-6
+    assert rel_err(got, wd @ q8_activation(x)[0]) < 2e-5
 
 
 @pytest.mark.parametrize("qtype", FLOAT_TYPES + QUANT_TYPES, ids=lambda t: t.name)

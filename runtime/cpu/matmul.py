@@ -4,6 +4,8 @@
   from their ggml blocks (mmap), through the per-block SIMD kernels of `simd.py`; the
   activation is quantized once per call to int8 blocks of 32 (ggml's q8 trick: integer
   products of the block, one float multiply per block). Float weights use a float dot.
+  On AVX-512 VNNI hosts Q8_0, Q4_K and Q6_K rows go through the vpdpbusd kernels (`dot_*_vnni`,
+  two blocks per instruction); elsewhere, and for the other types, the portable ones.
 * Many rows (prefill, vision): `gemm`. Compute-bound, so weight rows are dequantized a
   chunk at a time into a reused float32 buffer and multiplied by BLAS (numpy's sgemm),
   which beats any GEMM numba can emit here; the chunk keeps memory flat.
@@ -21,12 +23,13 @@ from dsocr.quant.layout import (BF16, BF16_BYTES, F16, F16_BYTES, F32, F32_BYTES
                                 Q4_K_QS, Q4_K_SCALES, Q5_0, Q5_0_BYTES, Q5_0_QH, Q5_0_QS, Q5_1, Q5_1_BYTES,
                                 Q5_1_M, Q5_1_QH, Q5_1_QS, Q5_K, Q5_K_BYTES, Q5_K_D, Q5_K_DMIN, Q5_K_QH,
                                 Q5_K_QS, Q5_K_SCALES, Q6_K, Q6_K_BYTES, Q6_K_D, Q6_K_QH, Q6_K_QL,
-                                Q6_K_SCALES, Q8_0, Q8_0_BYTES, Q8_0_QS, QK8_0, QK_K, check_code)
+                                Q6_K_SCALES, Q8_0, Q8_0_BYTES, Q8_0_D, Q8_0_QS, QK8_0, QK_K, check_code)
 from dsocr.quant.rows import _load_u32, dequantize_rows, scale_min_k4
 from dsocr.runtime.cpu import simd
+from dsocr.runtime.cpu.features import AVX512_VNNI
 from dsocr.runtime.cpu.simd import BLOCK
 
-ACC = 32    # scratch floats per row: four 8-lane slots
+ACC = 32    # scratch floats per row: four 8-lane slots (two 16-lane ones for the VNNI kernels; simd.sum32)
 SUB_BLOCKS = QK_K // QK8_0   # activation q8 blocks per K-quant super-block
 
 
@@ -57,10 +60,7 @@ def _reset(acc):
 
 @njit(cache=True, inline="always")
 def _total(acc):
-    s = np.float32(0.0)
-    for i in range(ACC):
-        s += acc[i]
-    return s
+    return simd.sum32(acc)
 
 
 # ---------------------------------------------------------------- one row: w . x
@@ -110,6 +110,24 @@ def dot_q8_0(w, base, xq, xd, acc):
     for b in range(xd.size):
         simd.block_q8_0(acc, b & 3, w, base + Q8_0_BYTES * b + Q8_0_QS, 0, 0, xq, QK8_0 * b, xd[b], xd[b])
     return _total(acc)
+
+
+@njit(cache=True, fastmath=True)
+def dot_q8_0_vnni(w, base, xb, xd, acc):
+    """dot_q8_0 through vpdpbusd, two blocks a call (xb: the activation quants as int8)."""
+    _reset(acc)
+    nb = xd.size
+    for p in range(nb // 2):
+        b = 2 * p
+        simd.block_q8_0_pair_vnni(acc, p & 1, w, base + Q8_0_BYTES * b + Q8_0_QS, xb, QK8_0 * b, xd[b], xd[b + 1])
+    s = _total(acc)
+    if nb & 1:     # an odd last block: scalar
+        o, b = base + Q8_0_BYTES * (nb - 1), nb - 1
+        t = 0
+        for j in range(QK8_0):
+            t += np.int64(np.int8(w[o + Q8_0_QS + j])) * np.int64(xb[QK8_0 * b + j])
+        s += load_fp16(w, o + Q8_0_D) * xd[b] * np.float32(t)
+    return s
 
 
 @njit(cache=True, fastmath=True)
@@ -173,6 +191,15 @@ def dot_q4_k(w, base, xq, xd, xs, acc):
 
 
 @njit(cache=True, fastmath=True)
+def dot_q4_k_vnni(w, base, xb, xd, xs, acc):
+    """dot_q4_k through vpdpbusd, a super-block a call."""
+    _reset(acc)
+    for b in range(xd.size // SUB_BLOCKS):
+        simd.block_q4_k_vnni(acc, b & 1, w, base + Q4_K_BYTES * b, xb, xd, xs, SUB_BLOCKS * b)
+    return _total(acc)
+
+
+@njit(cache=True, fastmath=True)
 def dot_q5_k(w, base, xq, xd, xs, acc):
     _reset(acc)
     mins = np.float32(0.0)
@@ -215,18 +242,33 @@ def dot_q6_k(w, base, xq, xd, acc):
     return _total(acc)
 
 
+@njit(cache=True, fastmath=True)
+def dot_q6_k_vnni(w, base, xb, xd, acc):
+    """dot_q6_k through vpdpbusd, a super-block a call."""
+    _reset(acc)
+    for b in range(xd.size // SUB_BLOCKS):
+        simd.block_q6_k_vnni(acc, b & 1, w, base + Q6_K_BYTES * b, xb, xd, SUB_BLOCKS * b)
+    return _total(acc)
+
+
 @njit(cache=True, inline="always")
-def dot_row(code, w, base, x, xq, xd, xs, acc):
+def dot_row(code, w, base, x, xq, xb, xd, xs, acc):
     """w[base:] . x for one weight row of ggml type `code` starting at byte `base` of the flat weight
-    bytes w (x is used as floats or through its q8 form). An offset, not a row view: a view costs an
-    atomic incref/decref pair per row, a fifth of the time on 1280-wide rows. Inlined into the
-    parallel loops of gemv_rows / gemv_experts_rows, which check the code first (check_code): a
+    bytes w (x is used as floats or through its q8 form: int16 quants xq, the same as int8 xb). An
+    offset, not a row view: a view costs an atomic incref/decref pair per row, a fifth of the time
+    on 1280-wide rows. Inlined into the parallel loops of gemv_rows / gemv_experts_rows, which check the code first (check_code): a
     raise here would serialise them, so an unknown code gets NaN, never a silent wrong type."""
     if code == Q8_0:
+        if AVX512_VNNI:       # a compile-time constant: the other branch is pruned before typing
+            return dot_q8_0_vnni(w, base, xb, xd, acc)
         return dot_q8_0(w, base, xq, xd, acc)
     if code == Q4_K:
+        if AVX512_VNNI:
+            return dot_q4_k_vnni(w, base, xb, xd, xs, acc)
         return dot_q4_k(w, base, xq, xd, xs, acc)
     if code == Q6_K:
+        if AVX512_VNNI:
+            return dot_q6_k_vnni(w, base, xb, xd, acc)
         return dot_q6_k(w, base, xq, xd, acc)
     if code == Q5_0:
         return dot_q5_0(w, base, xq, xd, acc)
@@ -263,13 +305,14 @@ def gemv_rows(code, W, x, y, chunks):
     xs = np.empty(k // QK8_0, np.float32)
     if _uses_q8(code):
         quantize_activation(x, xq, xd, xs)
+    xb = xq.astype(np.int8)
     n, row_bytes = W.shape
     flat = W.reshape(-1)
     chunks = max(1, min(n, chunks))
     for c in prange(chunks):
         acc = np.empty(ACC, np.float32)
         for r in range(c * n // chunks, (c + 1) * n // chunks):
-            y[r] = dot_row(code, flat, r * row_bytes, x, xq, xd, xs, acc)
+            y[r] = dot_row(code, flat, r * row_bytes, x, xq, xb, xd, xs, acc)
 
 
 @njit(cache=True, parallel=True)
@@ -284,6 +327,7 @@ def gemv_experts_rows(code, W3, experts, X, Y, tasks):
     if _uses_q8(code):
         for i in range(m):
             quantize_activation(X[i], Xq[i], Xd[i], Xs[i])
+    Xb = Xq.astype(np.int8)
     n, row_bytes = W3.shape[1], W3.shape[2]
     flat = W3.reshape(-1)
     per = max(1, min(n, tasks // max(1, m)))
@@ -292,7 +336,7 @@ def gemv_experts_rows(code, W3, experts, X, Y, tasks):
         acc = np.empty(ACC, np.float32)
         first = experts[i] * n
         for r in range(c * n // per, (c + 1) * n // per):
-            Y[i, r] = dot_row(code, flat, (first + r) * row_bytes, X[i], Xq[i], Xd[i], Xs[i], acc)
+            Y[i, r] = dot_row(code, flat, (first + r) * row_bytes, X[i], Xq[i], Xb[i], Xd[i], Xs[i], acc)
 
 
 def gemv(code: int, W: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -1,0 +1,9 @@
+"""What the host CPU can execute, as LLVM names it (`llvmlite.binding.get_host_cpu_features()`).
+numba compiles for this CPU and its on-disk cache index carries the CPU name and features, so a
+kernel built here with an x86-only intrinsic is never loaded on a host that lacks it."""
+from llvmlite import binding
+
+HOST = frozenset(name for name, on in binding.get_host_cpu_features().items() if on)
+
+# vpdpbusd on 512-bit vectors (AVX-512 VNNI), with BW's byte masks for the sign trick
+AVX512_VNNI = {"avx512f", "avx512bw", "avx512vl", "avx512vnni"} <= HOST
