@@ -2,6 +2,7 @@
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -11,20 +12,28 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models" / "bench"
 
 
+def run_measured(cmd: list[str]) -> tuple[str, str, float, float]:
+    """Run cmd (cmd[0] a path) to its end: (stdout, stderr, wall seconds, its peak RSS MB from wait4).
+    A failed command stops the benchmark with the last lines of its stderr."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t = time.perf_counter()
+        pid = os.posix_spawn(cmd[0], cmd, dict(os.environ), file_actions=[(os.POSIX_SPAWN_DUP2, out.fileno(), 1),
+                                                                          (os.POSIX_SPAWN_DUP2, err.fileno(), 2)])
+        _, status, usage = os.wait4(pid, 0)
+        wall_s = time.perf_counter() - t
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    if os.waitstatus_to_exitcode(status) != 0:
+        tail = "\n  ".join(stderr.strip().splitlines()[-8:])
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n  {tail}")
+    return stdout, stderr, wall_s, usage.ru_maxrss / 1024
+
+
 def run_worker(script: str, args: list[str]) -> tuple[dict, float]:
     """Run `python script --worker ARGS...`; returns (its last stdout line as JSON, peak RSS MB)."""
-    r, w = os.pipe()
-    cmd = [sys.executable, script, "--worker", *args]
-    pid = os.posix_spawn(sys.executable, cmd, dict(os.environ), file_actions=[(os.POSIX_SPAWN_DUP2, w, 1)])
-    os.close(w)
-    out = b""
-    while chunk := os.read(r, 65536):
-        out += chunk
-    os.close(r)
-    _, status, usage = os.wait4(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"worker {' '.join(args)} failed")
-    return json.loads(out.decode().strip().splitlines()[-1]), usage.ru_maxrss / 1024
+    stdout, _, _, rss_mb = run_measured([sys.executable, script, "--worker", *args])
+    return json.loads(stdout.strip().splitlines()[-1]), rss_mb
 
 
 def sgemm_baseline(products) -> dict:

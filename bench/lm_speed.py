@@ -91,7 +91,7 @@ def active_bytes(f) -> int:
     return total
 
 
-def worker(path: str, device: str) -> None:
+def worker(path: str, device: str, decode: int = DECODE) -> None:
     t0 = time.perf_counter()
     from dsocr.runtime.engine import make_backend
     from dsocr.runtime.gguf_file import GGUFFile
@@ -104,19 +104,19 @@ def worker(path: str, device: str) -> None:
     rng = np.random.default_rng(0)
     ids = rng.integers(3, 900, PROMPT)
     t = time.perf_counter()
-    scratch = lm.new_cache(PROMPT + DECODE + 2 * WARM)
+    scratch = lm.new_cache(PROMPT + decode + 2 * WARM)
     be.to_host(lm.forward(lm.embed(ids[:WARM]), 0, scratch))
     first_kernels_s = time.perf_counter() - t          # JIT from cache + first page faults
     for i in range(WARM):                              # warm the decode path
         lm.forward(lm.embed(ids[i:i + 1]), WARM + i, scratch)
     lm.forward(lm.embed(ids), 0, scratch)              # touch every expert once (page cache -> mapping)
-    cache = lm.new_cache(PROMPT + DECODE + 1)
+    cache = lm.new_cache(PROMPT + decode + 1)
     t = time.perf_counter()
     logits = lm.forward(lm.embed(ids), 0, cache)
     tok = int(np.argmax(be.to_host(logits)[-1]))       # logits come back: the device is done
     prefill_s = time.perf_counter() - t
     t = time.perf_counter()
-    for i in range(DECODE):
+    for i in range(decode):
         tok = int(np.argmax(be.to_host(lm.forward(lm.embed([tok]), PROMPT + i, cache))[-1]))
     decode_s = time.perf_counter() - t
     print(json.dumps({"load_s": load_s, "first_kernels_s": first_kernels_s, "prefill_s": prefill_s,
@@ -129,10 +129,10 @@ def main():
     ap.add_argument("--models", default=str(MODELS))
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)   # path device [decode tokens]
     args = ap.parse_args()
     if args.worker:
-        return worker(*args.worker)
+        return worker(*args.worker[:2], *map(int, args.worker[2:]))
     files = {t: random_model(args.models, t)["lm"] for t in args.types.split(",")}
     if args.device == "cuda":
         import cuda_baselines

@@ -45,9 +45,9 @@ def page_products(mode: str) -> list:
     return view_products(1024) + (view_products(640) * 6 if mode == "gundam" else [])
 
 
-def synthetic_page():
+def synthetic_page(size=(1600, 1200)):
     from PIL import Image, ImageDraw
-    img = Image.new("RGB", (1600, 1200), "white")
+    img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     for i in range(30):
         d.text((60, 40 + 36 * i), f"Line {i}: the quick brown fox jumps over the lazy dog " * 2, fill="black")
