@@ -4,15 +4,21 @@ Tolerances: float kernels 1e-5 relative to the output's magnitude (float32 summa
 differences); the quantized GEMV is compared with float64 numpy on the *same* int8 activation
 (the kernel quantizes x to q8 blocks, as ggml does), so it is exact up to float32 rounding:
 2e-5 relative. On AVX-512 VNNI hosts gemv runs the vpdpbusd kernels for Q8_0 and Q4_K, and
-test_vnni_dots_equal_portable_and_numpy also compares them with the portable ones."""
+test_vnni_dots_equal_portable_and_numpy also compares them with the portable ones; the int8 GEMM
+(qgemm) is held to the GEMV's tolerance, and test_portable_kernels_without_vnni runs the portable
+paths of both in a process that hides VNNI."""
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
 from dsocr import quant
-from dsocr.runtime.cpu import CPUBackend, matmul as mm, ops
+from dsocr.runtime.cpu import CPUBackend, matmul as mm, ops, qgemm
 from dsocr.runtime.cpu.features import AVX512_VNNI
 from dsocr.runtime.gguf_file import Tensor
 
@@ -242,3 +248,65 @@ def test_products_refuse_an_unknown_type_code(code):
         with pytest.raises(ValueError, match=f"^unsupported ggml type code {code}$"):
             call()
         assert not y.any(), name
+
+
+def _qgemm_case(qtype, m, n, k, rng):
+    raw, wd = weights(qtype, n, k, rng)
+    if qtype == QT.Q8_0:                                  # the quant -128 is a code (0) like any other
+        qs = raw.reshape(n, -1, 34)[:, :, 2:]
+        qs[rng.random(qs.shape) < 0.05] = 0x80
+        wd = quant.dequantize(raw, qtype).astype(np.float64)
+    X = rng.standard_normal((m, k)).astype(np.float32)
+    want = np.stack([wd @ q8_activation(X[i])[0] for i in range(m)])
+    return raw, X, want
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m,n,k", [(5, 37, 256), (7, 130, 512), (13, 64, 1280), (1, 33, 256)])
+def test_qgemm_every_type(qtype, m, n, k):
+    """The int8 GEMM (tiles of 32 weight rows x 1-4 activation rows, row counts that leave partial
+    tiles) against gguf dequantize + float64 numpy on the same q8 activation: its group sums are
+    exact integers, so only float32 rounding differs (2e-5 of the output's magnitude, as the GEMV)."""
+    rng = np.random.default_rng(m * n + k + int(qtype))
+    raw, X, want = _qgemm_case(qtype, m, n, k, rng)
+    out = np.full((m, n), np.nan, np.float32)
+    qgemm.qgemm(int(qtype), raw, X, out, 3)
+    assert rel_err(out, want) < 2e-5
+
+
+def test_qgemm_refuses_float_weights():
+    raw = quant.quantize(np.ones((4, 32), np.float32), QT.F16)
+    with pytest.raises(ValueError, match="does not take ggml type 1"):
+        qgemm.qgemm(int(QT.F16), raw, np.ones((5, 32), np.float32), np.empty((5, 4), np.float32), 1)
+
+
+PORTABLE_CHECK = """
+import sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+from gguf import GGMLQuantizationType as QT
+from dsocr.runtime.cpu import features, matmul as mm, qgemm
+from test_kernels import QUANT_TYPES, _qgemm_case, q8_activation, rel_err, weights
+assert not features.AVX512_VNNI
+worst = 0.0
+for qtype in QUANT_TYPES:
+    rng = np.random.default_rng(int(qtype))
+    raw, X, want = _qgemm_case(qtype, 6, 40, 512, rng)
+    out = np.empty((6, 40), np.float32)
+    qgemm.qgemm(int(qtype), raw, X, out, 2)
+    y = np.empty(40, np.float32)
+    mm.gemv(int(qtype), raw, X[0], y)
+    worst = max(worst, rel_err(out, want), rel_err(y, want[0]))
+print(worst)
+"""
+
+
+@pytest.mark.skipif(not AVX512_VNNI, reason="the host runs the portable kernels anyway")
+def test_portable_kernels_without_vnni(tmp_path):
+    """The paths a host without AVX-512 VNNI runs (portable vector IR for the GEMM tile's vpdpbusd
+    and the GEMV dots), in a process that hides the feature, with a numba cache of its own."""
+    env = dict(os.environ, DSOCR_CPU_FEATURES_OFF="avx512vnni", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    code = PORTABLE_CHECK.format(tests=str(Path(__file__).parent))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert float(r.stdout.split()[-1]) < 2e-5
