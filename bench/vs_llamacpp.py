@@ -13,7 +13,8 @@ Stages (--stages):
   `llama-bench -p 300 -n 64` against bench/lm_speed.py's worker (runtime/ directly).
 * page: one page end to end per --pages size (synthetic text pages, gundam views: a 1024 global view,
   plus 640 tiles once a side exceeds 640, which is what llama.cpp's DeepSeek-OCR preprocessing does),
-  greedy, 64 tokens: `llama-mtmd-cli --temp 0 -n 64 --ignore-eos` against `dsocr ocr --json`.
+  greedy, 64 tokens: `llama-mtmd-cli --chat-template deepseek-ocr --temp 0 -n 64 --ignore-eos` against
+  `dsocr ocr --json`.
   Vision seconds, prefill and decode tok/s as each engine reports them; wall seconds and peak RSS of
   the whole process (load included) from wait4.
 * ids: the first 32 greedy tokens on the 640x640 page (global view only, where llama.cpp's
@@ -154,21 +155,25 @@ def dsocr_lm(lm: Path) -> dict:
 
 
 def llama_timings(stderr: str) -> dict:
-    """vision s, prefill and decode tok/s from llama-mtmd-cli's log: the per-slice encode times, and
-    llama_perf_context_print's prompt eval (text and image tokens) and eval lines."""
-    slices = re.findall(r"image slice encoded in (\d+) ms", stderr)
+    """vision s, prefill and decode tok/s from llama-mtmd-cli's log (at -lv 4): the image encode times
+    (per slice, or per batch of slices in newer trees), and llama_perf_context_print's prompt eval
+    (text and image tokens) and eval lines."""
+    slices = re.findall(r"(?:image slice encoded|mtmd batch encoding done) in (\d+) ms", stderr)
     prompt = re.search(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens", stderr)
     decode = re.search(r"^\S+:\s+eval time =\s*([\d.]+) ms /\s*(\d+) runs", stderr, re.M)
     if not (slices and prompt and decode):
-        raise SystemExit("llama-mtmd-cli printed no timings (image slice encoded / prompt eval time / eval time)")
+        raise SystemExit("llama-mtmd-cli printed no timings (image encoded / prompt eval time / eval time)")
     return {"vision": sum(map(int, slices)) / 1000, "prefill": int(prompt[2]) / float(prompt[1]) * 1000,
             "decode": int(decode[2]) / float(decode[1]) * 1000}
 
 
 def llama_page(bin_dir: Path, lm: Path, mm: Path, page: Path, threads: int) -> dict:
+    # the named template "deepseek-ocr" is the plain concatenation our files' template spells out, which
+    # llama.cpp does not recognise; -lv 4 makes it print its timings
     _, err, wall, rss = run_measured([str(bin_dir / "llama-mtmd-cli"), "-m", str(lm), "--mmproj", str(mm),
-                                      "--image", str(page), "-p", LLAMA_PROMPT, "--temp", "0", "-n", str(PAGE_DECODE),
-                                      "--ignore-eos", "-t", str(threads)])
+                                      "--image", str(page), "-p", LLAMA_PROMPT, "--chat-template", "deepseek-ocr",
+                                      "--temp", "0", "-n", str(PAGE_DECODE), "--ignore-eos", "-t", str(threads),
+                                      "-lv", "4"])
     return {**llama_timings(err), "wall": wall, "peak rss": rss}
 
 

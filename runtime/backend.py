@@ -52,11 +52,17 @@ class Backend(Protocol):
     def matmul(self, x: Array, w: Weight, out: Array | None = None) -> Array:
         """x [m, k] @ w[n, k]^T -> [m, n] (into `out` when given), returned."""
 
+    def matmul_many(self, x: Array, ws, experts=None) -> list[Array]:
+        """[x @ w^T for w in ws], which a backend may run together (one CPU launch for a few rows); with
+        `experts` (one token's routed expert ids, may stay on the backend) each w is a routed-experts
+        weight and row i of its product is x[0] @ w[experts[i]]^T."""
+
     def matmul_experts(self, x: Array, w: Weight, experts, out: Array) -> Array:
         """out[i] = x[i] @ w[experts[i]]^T for one token's few routed experts (ids may stay on the backend)."""
 
-    def expert_matmul(self, x: Array, w: Weight, e: int, out: Array | None = None) -> Array:
-        """x [m, k] @ w[e]^T: one routed expert applied to the rows routed to it, returned."""
+    def expert_matmul(self, x: Array, w: Weight, starts: np.ndarray, out: Array | None = None) -> Array:
+        """Rows grouped by routed expert: x[starts[e]:starts[e+1]] @ w[e]^T for every e (starts: host
+        int64 [n_expert + 1]) -> [m, n], returned."""
 
     def embed(self, t: Weight, ids: np.ndarray) -> Array:
         """Rows `ids` of an embedding table, dequantized: [len(ids), n]."""
@@ -75,10 +81,7 @@ class Backend(Protocol):
         """[a, b] along columns."""
 
     def weighted_sum_into(self, out: Array, y: Array, w) -> None:
-        """out[0] += sum_k w[k] y[k] (one token's routed experts)."""
-
-    def scatter_add_rows(self, out: Array, rows: np.ndarray, y: Array, w: np.ndarray) -> None:
-        """out[rows[i]] += w[i] y[i] (an expert's outputs back to its tokens)."""
+        """out[t] += sum_s w[t, s] y[t*k + s] for w [m, k] (each token's k routed experts' outputs)."""
 
     def route(self, logits: Array, k: int) -> tuple[Array, Array]:
         """Softmax router, greedy top-k without renormalisation: (expert ids [m, k] int64, weights [m, k])."""

@@ -118,7 +118,8 @@ class LanguageModel:
             cb(x, "ffn_inp", i)
             be.rmsnorm(x, layer.ffn_norm, p.eps, h)
             cb(h, "ffn_norm", i)
-            ffn = self.mlp(h, layer.gate, layer.up, layer.down) if layer.dense else self.moe(h, layer, cb, i)
+            ffn = self.mlp(*be.matmul_many(h, (layer.gate, layer.up)), layer.down) if layer.dense \
+                else self.moe(h, layer, cb, i)
             cb(ffn, "ffn_out", i)
             be.add(x, ffn)
             cb(x, "l_out", i)
@@ -134,7 +135,7 @@ class LanguageModel:
     def attention(self, h, layer: Layer, kv, pos0: int, positions: np.ndarray, cb: Callback, il: int):
         # h [m, H] -> [m, H]; writes this chunk's k, v into the cache at pos0
         be, p = self.be, self.p
-        q, k, v = be.matmul(h, layer.wq), be.matmul(h, layer.wk), be.matmul(h, layer.wv)
+        q, k, v = be.matmul_many(h, (layer.wq, layer.wk, layer.wv))
         be.rope(q, p.n_head, positions, p.rope_theta)
         be.rope(k, p.n_head, positions, p.rope_theta)
         cb(q, "Qcur", il)
@@ -149,9 +150,8 @@ class LanguageModel:
         cb(out, "attn_out", il)
         return out
 
-    def mlp(self, h, gate, up, down):
-        # down(silu(gate h) * up h)
-        g, u = self.be.matmul(h, gate), self.be.matmul(h, up)
+    def mlp(self, g, u, down):
+        # down(silu(g) * u), g = gate h and u = up h
         self.be.silu_mul(g, u, g)
         return self.be.matmul(g, down)
 
@@ -159,7 +159,7 @@ class LanguageModel:
         # sum_k w_k expert_k(h) + shared(h), experts picked per token by softmax(router h), top-k
         be, p = self.be, self.p
         m = h.shape[0]
-        logits = be.matmul(h, layer.router)
+        logits, g, u = be.matmul_many(h, (layer.router, layer.gate_sh, layer.up_sh))
         cb(logits, "ffn_moe_logits", il)
         idx, w = be.route(logits, p.n_expert_used)
         if p.expert_norm or p.expert_scale != 1.0:   # DeepSeek-OCR uses neither; other files may
@@ -168,32 +168,31 @@ class LanguageModel:
             w = be.asarray(wh * np.float32(p.expert_scale))
         cb(idx, "ffn_moe_topk", il)
         cb(w, "ffn_moe_weights", il)
-        out = self.mlp(h, layer.gate_sh, layer.up_sh, layer.down_sh)
+        out = self.mlp(g, u, layer.down_sh)
         cb(out, "ffn_shexp", il)
         if m == 1:
             return self._experts_one_token(h, layer, idx, w, out)
         return self._experts_grouped(h, layer, be.to_host(idx), be.to_host(w), out)
 
     def _experts_one_token(self, h, layer: Layer, idx, w, out):
-        # decode: the k experts of one token in one launch per projection (ids stay on the backend)
+        # decode: the k experts of one token, gate and up in one launch, down in one (ids stay on the backend)
         be, k = self.be, self.p.n_expert_used
-        hk = be.repeat_rows(h, k)
-        g = be.matmul_experts(hk, layer.gate_exps, idx[0], be.empty((k, self.p.n_ff_exp)))
-        u = be.matmul_experts(hk, layer.up_exps, idx[0], be.empty((k, self.p.n_ff_exp)))
+        g, u = be.matmul_many(h, (layer.gate_exps, layer.up_exps), idx[0])
         be.silu_mul(g, u, g)
         y = be.matmul_experts(g, layer.down_exps, idx[0], be.empty((k, self.p.n_embd)))
-        be.weighted_sum_into(out, y, w[0])
+        be.weighted_sum_into(out, y, w)
         return out
 
     def _experts_grouped(self, h, layer: Layer, idx: np.ndarray, w: np.ndarray, out):
-        # prefill: tokens grouped by expert (routing read on the host), so each expert's weights are read once
-        be = self.be
-        for e in np.unique(idx):
-            tok, slot = np.nonzero(idx == e)
-            x = be.take_rows(h, tok)
-            g = be.expert_matmul(x, layer.gate_exps, int(e))
-            u = be.expert_matmul(x, layer.up_exps, int(e))
-            be.silu_mul(g, u, g)
-            y = be.expert_matmul(g, layer.down_exps, int(e))
-            be.scatter_add_rows(out, tok, y, np.ascontiguousarray(w[tok, slot]))
+        # prefill: the (token, slot) pairs sorted by expert (routing read on the host), so each expert's
+        # weights are read once, every expert in one launch per projection
+        be, k = self.be, self.p.n_expert_used
+        order = np.argsort(idx.reshape(-1), kind="stable")
+        starts = np.searchsorted(idx.reshape(-1)[order], np.arange(self.p.n_expert + 1))
+        x = be.take_rows(h, order // k)
+        g = be.expert_matmul(x, layer.gate_exps, starts)
+        u = be.expert_matmul(x, layer.up_exps, starts)
+        be.silu_mul(g, u, g)
+        y = be.expert_matmul(g, layer.down_exps, starts)
+        be.weighted_sum_into(out, be.take_rows(y, np.argsort(order)), w)   # back to (token, slot) order
         return out

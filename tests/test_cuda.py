@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as QT
 from numba import config
 
 from dsocr import quant
-from dsocr.runtime.cpu import CPUBackend
+from dsocr.runtime.cpu import CPUBackend, matmul as mm
 from dsocr.runtime.gguf_file import Tensor
 
 from conftest import TINY
@@ -78,13 +78,15 @@ def test_gemv_and_embed_every_type(be, qtype):
 
 @pytest.mark.parametrize("qtype", [QT.F16, QT.Q8_0, QT.Q4_K, QT.Q6_K], ids=lambda t: t.name)
 def test_tiled_gemm(be, qtype):
-    # 7 x 20 outputs: two column tiles, the second partial; k = 256 is 16 row tiles
+    # 7 x 20 outputs: two column tiles, the second partial; k = 256 is 16 row tiles. The device
+    # keeps the activation in float, so its CPU twin is the float GEMM (the CPU's own many-row
+    # product of quantized weights is the int8 one, test_kernels.py::test_qgemm_every_type)
     rng = np.random.default_rng(int(qtype) + 1)
     t, wd = tensor(qtype, (20, 256), rng)
     x = rng.standard_normal((7, 256)).astype(np.float32)
     got = be.to_host(be.matmul(be.asarray(x), be.weight(t)))
     assert rel_err(got, x @ wd.T) < 1e-5
-    assert rel_err(got, cpu.matmul(x, t)) < 1e-5
+    assert rel_err(got, mm.gemm(int(qtype), t.rows2d, x, np.empty((7, 20), np.float32), mm.Dequantizer())) < 1e-5
 
 
 @pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_K], ids=lambda t: t.name)
@@ -96,8 +98,26 @@ def test_grouped_experts(be, qtype):
     x = rng.standard_normal((3, 256)).astype(np.float32)
     got = be.to_host(be.matmul_experts(be.asarray(x), w, experts, be.empty((3, 6))))
     assert rel_err(got, np.stack([wd[e] @ x[i] for i, e in enumerate(experts)])) < 1e-5
-    got = be.to_host(be.expert_matmul(be.asarray(np.tile(x, (2, 1))), w, 2))
-    assert rel_err(got, np.tile(x, (2, 1)) @ wd[2].T) < 1e-5
+    x6 = np.tile(x, (2, 1))                      # rows 0-1 to expert 0, 2-4 to expert 2, 5 to expert 3
+    starts = np.array([0, 2, 2, 5, 6])
+    got = be.to_host(be.expert_matmul(be.asarray(x6), w, starts))
+    want = np.stack([wd[e] @ x6[i] for i, e in enumerate([0, 0, 2, 2, 2, 3])])
+    assert rel_err(got, want) < 1e-5
+
+
+def test_matmul_many(be):
+    """Several weights of one activation (q/k/v, router + shared gate/up), and routed experts' gate/up
+    from one token's row."""
+    rng = np.random.default_rng(6)
+    (a, ad), (b, bd) = tensor(QT.F32, (5, 256), rng), tensor(QT.Q8_0, (7, 256), rng)
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    ya, yb = be.matmul_many(be.asarray(x), (be.weight(a), be.weight(b)))
+    assert rel_err(be.to_host(ya), x @ ad.T) < 1e-5 and rel_err(be.to_host(yb), x @ bd.T) < 1e-5
+    (g, gd), (u, ud) = tensor(QT.Q4_K, (4, 6, 256), rng), tensor(QT.Q4_K, (4, 6, 256), rng)
+    experts = np.array([3, 0, 3])
+    yg, yu = be.matmul_many(be.asarray(x[:1]), (be.weight(g), be.weight(u)), experts)
+    for y, wd in ((yg, gd), (yu, ud)):
+        assert rel_err(be.to_host(y), np.stack([wd[e] @ x[0] for e in experts])) < 1e-5
 
 
 def test_route_topk(be):
@@ -175,19 +195,14 @@ def test_row_plumbing_is_exact(be):
 def test_expert_accumulation(be):
     rng = np.random.default_rng(4)
     out = rng.standard_normal((4, 6)).astype(np.float32)
-    y = rng.standard_normal((3, 6)).astype(np.float32)
-    w = rng.random(3).astype(np.float32)
+    y = rng.standard_normal((12, 6)).astype(np.float32)     # 4 tokens x 3 routed experts
+    w = rng.random((4, 3)).astype(np.float32)
     d = be.asarray(out)
     be.weighted_sum_into(d, be.asarray(y), w)
     want = out.copy()
     cpu.weighted_sum_into(want, y, w)
     assert rel_err(be.to_host(d), want) < 1e-6
-    d = be.asarray(out)
-    rows = np.array([3, 0, 2])
-    be.scatter_add_rows(d, rows, be.asarray(y), w)
-    want = out.copy()
-    cpu.scatter_add_rows(want, rows, y, w)
-    assert rel_err(be.to_host(d), want) < 1e-6
+    assert rel_err(want, out + np.einsum("ts,tsj->tj", w, y.reshape(4, 3, 6))) < 1e-6
 
 
 def test_attention_causal_over_device_cache(be):

@@ -9,19 +9,41 @@ import numpy as np
 
 from dsocr.quant.rows import dequantize_rows
 from dsocr.runtime.cpu import matmul as mm
-from dsocr.runtime.cpu import ops, vision_ops
+from dsocr.runtime.cpu import ops, qgemm, vision_ops
 from dsocr.runtime.gguf_file import Tensor
 from dsocr.runtime.rope import rope_tables
 
-GEMV_MAX_ROWS = 4     # up to this many activation rows, one GEMV per row beats dequantize + BLAS
+QGEMM_CODES = frozenset(qgemm.CODES)
+# up to this many activation rows the GEMV beats the GEMMs: dequantize + BLAS for float weights,
+# the int8 GEMM for quantized ones (bench: 1280x1280, Q8_0 ties at 2 rows and wins from 3, Q4_K from 4)
+GEMV_MAX_ROWS, QGEMV_MAX_ROWS = 4, 2
+
+
+def gemv_rows(ws) -> int:
+    """How many activation rows the GEMV takes for these weights."""
+    return QGEMV_MAX_ROWS if all(w.code in QGEMM_CODES for w in ws) else GEMV_MAX_ROWS
 
 
 BLAS_ATTENTION_ROWS = 8     # query rows from which causal attention goes through BLAS
+# keys up to which bidirectional attention runs as one numba kernel (SAM windows, CLIP): BLAS per head
+# and a numba softmax per chunk hand the cores back and forth between the two thread pools each call,
+# which costs more than the products at these sizes
+FUSED_ATTENTION_KEYS = 1024
+NO_RELPOS = np.zeros((0, 0, 0), np.float32)
 
 
 def kv_floats(c: np.ndarray) -> np.ndarray:
     """KV-cache rows as float32 (the F16 cache holds fp16 bits)."""
     return c.view(np.float16).astype(np.float32) if c.dtype == np.uint16 else c
+
+
+def split_heads(x: np.ndarray, n_head: int, transpose: bool) -> np.ndarray:
+    """x [B, n, n_head*d] -> [B, n_head, n, d], or [B, n_head, d, n] transposed."""
+    B, n, c = x.shape
+    d = c // n_head
+    out = np.empty((B, n_head, d, n) if transpose else (B, n_head, n, d), np.float32)
+    vision_ops.split_heads(x, transpose, out)
+    return out
 
 
 def attend_head(q, k, v, out, buf, chunk: int, causal_pos0, softmax) -> None:
@@ -72,22 +94,46 @@ class CPUBackend:
         """x [m, k] @ w[n, k]^T -> [m, n]."""
         m = x.shape[0]
         out = np.empty((m, w.shape[0]), np.float32) if out is None else out
-        if m <= GEMV_MAX_ROWS:
-            for i in range(m):
-                mm.gemv(w.code, w.rows2d, x[i], out[i])
-        else:
+        if m <= gemv_rows((w,)):
+            mm.run_products((w.code,), (w.rows2d,), (x,), (out,), mm.products_of(1, m))
+        elif w.code in QGEMM_CODES:       # int8 products, no float copy of the weights
+            qgemm.qgemm(w.code, w.rows2d, np.ascontiguousarray(x), out, 8 * numba.get_num_threads())
+        else:                             # float weights: dequantize a chunk, BLAS
             mm.gemm(w.code, w.rows2d, x, out, self.deq)
         return out
+
+    def matmul_many(self, x: np.ndarray, ws, experts: np.ndarray | None = None) -> list[np.ndarray]:
+        """[x @ w^T for w in ws]; a few rows in one launch (the activation quantized once). With `experts`
+        (one token's routed expert ids) each w is a routed-experts weight: row i of its product is
+        x[0] @ w[experts[i]]^T."""
+        codes = [w.code for w in ws]
+        if experts is not None:
+            outs = [np.empty((len(experts), w.shape[1]), np.float32) for w in ws]
+            mm.run_products(codes, [w.raw for w in ws], (x,), outs, mm.expert_products(len(ws), experts, True))
+            return outs
+        m = x.shape[0]
+        if m > gemv_rows(ws):
+            return [self.matmul(x, w) for w in ws]
+        outs = [np.empty((m, w.shape[0]), np.float32) for w in ws]
+        mm.run_products(codes, [w.rows2d for w in ws], (x,), outs, mm.products_of(len(ws), m))
+        return outs
 
     def matmul_experts(self, x: np.ndarray, w: Tensor, experts: np.ndarray, out: np.ndarray) -> np.ndarray:
         """out[i] = x[i] @ w[experts[i]]^T for a few rows (one token's routed experts)."""
         mm.gemv_experts(w.code, w.raw, experts, x, out)
         return out
 
-    def expert_matmul(self, x: np.ndarray, w: Tensor, e: int, out: np.ndarray | None = None) -> np.ndarray:
-        """x [m, k] @ w[e]^T: one routed expert applied to the rows routed to it."""
-        sub = Tensor(w.name, w.qtype, w.shape[1:], w.raw[e])
-        return self.matmul(x, sub, out)
+    def expert_matmul(self, x: np.ndarray, w: Tensor, starts: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows grouped by routed expert: x[starts[e]:starts[e+1]] @ w[e]^T, all experts in one launch."""
+        out = np.empty((x.shape[0], w.shape[1]), np.float32) if out is None else out
+        if w.code in QGEMM_CODES:
+            qgemm.qgemm_grouped(w.code, w.raw, np.ascontiguousarray(x), np.asarray(starts, np.int64), out,
+                                8 * numba.get_num_threads())
+            return out
+        for e in np.flatnonzero(np.diff(starts)):       # float experts: one product each
+            a, b = starts[e], starts[e + 1]
+            self.matmul(x[a:b], Tensor(w.name, w.qtype, w.shape[1:], w.raw[e]), out[a:b])
+        return out
 
     def embed(self, t: Tensor, ids: np.ndarray) -> np.ndarray:
         rows = t.rows2d[np.asarray(ids, np.int64)]
@@ -109,12 +155,9 @@ class CPUBackend:
         return np.concatenate([a, b], axis=1)
 
     def weighted_sum_into(self, out: np.ndarray, y: np.ndarray, w: np.ndarray) -> None:
-        """out[0] += sum_k w[k] y[k]  (a token's routed experts)."""
-        out[0] += (np.asarray(w)[:, None] * y).sum(axis=0)
-
-    def scatter_add_rows(self, out: np.ndarray, rows: np.ndarray, y: np.ndarray, w: np.ndarray) -> None:
-        """out[rows[i]] += w[i] y[i]  (an expert's outputs back to its tokens)."""
-        out[rows] += w[:, None] * y
+        """out[t] += sum_s w[t, s] y[t*k + s]  (each token's routed experts)."""
+        m, k = w.shape
+        out += (np.asarray(w)[:, :, None] * y.reshape(m, k, -1)).sum(axis=1)
 
     def route(self, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Softmax router, greedy top-k (no renormalisation): (expert ids [m, k], weights [m, k])."""
@@ -173,23 +216,30 @@ class CPUBackend:
 
     def attention(self, q, k, v, n_head: int, relpos=None, *, chunk: int = 512) -> np.ndarray:
         """Bidirectional attention per batch item and head: q, k, v [B, n, n_head*d] -> [B, n, n_head*d].
-        relpos = (Rh, Rw, H, W) adds SAM's decomposed relative positions. Scores are made a chunk of
-        query rows at a time with BLAS, so no head's full score matrix is ever held."""
+        relpos = (Rh, Rw, H, W) adds SAM's decomposed relative positions. q, k, v are split head-major
+        once; up to FUSED_ATTENTION_KEYS keys one kernel does it all, longer sequences make scores a
+        chunk of query rows at a time with BLAS, so no head's full score matrix is ever held."""
         B, n, c = q.shape
         d = c // n_head
         scale = np.float32(1.0 / math.sqrt(d))
+        Rh, Rw, W = (relpos[0], relpos[1], relpos[3]) if relpos is not None else (NO_RELPOS, NO_RELPOS, 1)
         out = np.empty((B, n, c), np.float32)
-        buf = np.empty(min(chunk, n) * n, np.float32)
-        if relpos is None:
-            def softmax(s, qh, r0):
-                ops.softmax_scaled(s, scale, n)
-        else:
-            def softmax(s, qh, r0):
-                vision_ops.softmax_relpos(s, qh, r0, *relpos, scale)
+        qh = split_heads(q, n_head, False)
+        if n <= FUSED_ATTENTION_KEYS:
+            kt, vt = split_heads(k, n_head, True), split_heads(v, n_head, True)
+            vision_ops.attention_fused(qh, kt, vt, Rh, Rw, W, scale, out)
+            return out
+        kh, vh, oh = split_heads(k, n_head, False), split_heads(v, n_head, False), np.empty_like(qh)
+        scores = np.empty((min(chunk, n), n), np.float32)
         for b in range(B):
             for h in range(n_head):
-                sl = slice(h * d, (h + 1) * d)
-                attend_head(q[b, :, sl], k[b, :, sl], v[b, :, sl], out[b, :, sl], buf, chunk, None, softmax)
+                for r0 in range(0, n, chunk):
+                    qc = qh[b, h, r0:r0 + chunk]
+                    s = scores[:qc.shape[0]]
+                    np.matmul(qc, kh[b, h].T, out=s)
+                    vision_ops.softmax_relpos(s, qc, r0, Rh, Rw, W, scale)
+                    np.matmul(s, vh[b, h], out=oh[b, h, r0:r0 + chunk])
+        vision_ops.merge_heads(oh, out)
         return out
 
     def kv_cache(self, n_layer: int, n_ctx: int, width: int, f16: bool) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -6,13 +6,15 @@
   products of the block, one float multiply per block). Float weights use a float dot.
   On AVX-512 VNNI hosts Q8_0, Q4_K and Q6_K rows go through the vpdpbusd kernels (`dot_*_vnni`,
   two blocks per instruction); elsewhere, and for the other types, the portable ones.
-* Many rows (prefill, vision): `gemm`. Compute-bound, so weight rows are dequantized a
-  chunk at a time into a reused float32 buffer and multiplied by BLAS (numpy's sgemm),
-  which beats any GEMM numba can emit here; the chunk keeps memory flat.
+* Many rows of float weights (the F16 mmproj): `gemm`. Compute-bound, so weight rows are
+  dequantized a chunk at a time into a reused float32 buffer and multiplied by BLAS (numpy's
+  sgemm); the chunk keeps memory flat. Quantized weights take the int8 GEMM (`qgemm.py`).
 
 Weights are 2-D uint8 arrays [rows, row_bytes] (3-D [n_expert, rows, row_bytes] for routed
 experts) of blocks laid out as `dsocr.quant.layout` defines; `code` is the ggml type id.
 """
+from functools import lru_cache
+
 import numpy as np
 import numba
 from numba import njit, prange
@@ -256,7 +258,7 @@ def dot_row(code, w, base, x, xq, xb, xd, xs, acc):
     """w[base:] . x for one weight row of ggml type `code` starting at byte `base` of the flat weight
     bytes w (x is used as floats or through its q8 form: int16 quants xq, the same as int8 xb). An
     offset, not a row view: a view costs an atomic incref/decref pair per row, a fifth of the time
-    on 1280-wide rows. Inlined into the parallel loops of gemv_rows / gemv_experts_rows, which check the code first (check_code): a
+    on 1280-wide rows. Inlined into gemv_products' parallel loop, which checks the codes first (check_code): a
     raise here would serialise them, so an unknown code gets NaN, never a silent wrong type."""
     if code == Q8_0:
         if AVX512_VNNI:       # a compile-time constant: the other branch is pruned before typing
@@ -294,58 +296,117 @@ def _uses_q8(code):
     return code != F32 and code != F16 and code != BF16
 
 
+TASKS_PER_THREAD = 8    # GEMV tasks per thread
+CACHE_LINE = 64
+PREFETCH_BYTES = 1024   # how far ahead a GEMV task asks for weight bytes: Q4_K_M decode 49 -> 38 ms, 4 KB+ slower
+
+
+@njit(cache=True, inline="always")
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
 @njit(cache=True, parallel=True)
-def gemv_rows(code, W, x, y, chunks):
-    """y[n] = W[n, :] . x  (W: uint8 [n, row_bytes] of ggml type `code`, x: float32 [k]),
-    rows split into `chunks` parallel tasks."""
-    check_code(code)
-    k = x.size
-    xq = np.empty(k if _uses_q8(code) else 0, np.int16)
-    xd = np.empty(k // QK8_0, np.float32)
-    xs = np.empty(k // QK8_0, np.float32)
-    if _uses_q8(code):
-        quantize_activation(x, xq, xd, xs)
+def gemv_products(codes, Ws, Xs, Ys, products, tasks, prefetch_bytes):
+    """Ys[yi][yr] = Ws[w][e] . Xs[xi][xr]  for each row (w, e, xi, xr, yi, yr) of `products`, all in
+    one parallel launch (decode's q/k/v, gate/up, routed experts: a launch and the activation's
+    quantization per call, not per product). Ws[w]: uint8 [n_mat, n, row_bytes] of ggml type
+    codes[w] (a 2-D weight as [1, n, row_bytes], routed experts as they are, e the expert); Xs[xi]
+    float32 [rows, k]. Each activation row is quantized once; the rows of all products are split
+    into `tasks` runs of equal weight bytes, so small matrices keep every thread busy. Each row asks
+    for the weight bytes `prefetch_bytes` ahead of it (same matrix)."""
+    for w in range(len(Ws)):
+        check_code(codes[w])
+    q8 = False
+    for w in range(len(Ws)):
+        q8 = q8 or _uses_q8(codes[w])
+    xoff = np.zeros(len(Xs) + 1, np.int64)     # each input's first quant; rows padded to whole q8 blocks
+    for i in range(len(Xs)):
+        xoff[i + 1] = xoff[i] + Xs[i].shape[0] * _ceil_div(Xs[i].shape[1], QK8_0) * QK8_0
+    xq = np.empty(xoff[-1] if q8 else 0, np.int16)
+    xd = np.empty(xoff[-1] // QK8_0, np.float32)
+    xs = np.empty(xoff[-1] // QK8_0, np.float32)
+    if q8:
+        for i in range(len(Xs)):
+            X = Xs[i]
+            kq = _ceil_div(X.shape[1], QK8_0) * QK8_0
+            for r in range(X.shape[0]):
+                o = xoff[i] + r * kq
+                blocks = slice(o // QK8_0, (o + kq) // QK8_0)
+                quantize_activation(X[r], xq[o:o + kq], xd[blocks], xs[blocks])
     xb = xq.astype(np.int8)
-    n, row_bytes = W.shape
-    flat = W.reshape(-1)
-    chunks = max(1, min(n, chunks))
-    for c in prange(chunks):
+    n_p = products.shape[0]
+    cum = np.zeros(n_p + 1, np.int64)          # weight bytes before each product
+    for p in range(n_p):
+        W = Ws[products[p, 0]]
+        cum[p + 1] = cum[p] + W.shape[1] * W.shape[2]
+    total = cum[n_p]
+    tasks = max(1, tasks)
+    for t in prange(tasks):
+        lo, hi = total * t // tasks, total * (t + 1) // tasks   # a row goes to the task holding its first byte
         acc = np.empty(ACC, np.float32)
-        for r in range(c * n // chunks, (c + 1) * n // chunks):
-            y[r] = dot_row(code, flat, r * row_bytes, x, xq, xb, xd, xs, acc)
+        for p in range(n_p):
+            if cum[p + 1] <= lo or cum[p] >= hi:
+                continue
+            w, e, xi, xr, yi, yr = products[p]
+            W = Ws[w]
+            n, row_bytes = W.shape[1], W.shape[2]
+            x = Xs[xi][xr]
+            k = x.size
+            kq = _ceil_div(k, QK8_0) * QK8_0
+            o = xoff[xi] + xr * kq
+            qx, bx = xq[o:o + kq], xb[o:o + kq]
+            dx, sx = xd[o // QK8_0:(o + k) // QK8_0], xs[o // QK8_0:(o + k) // QK8_0]
+            y = Ys[yi]
+            flat = W.reshape(-1)
+            first = e * n * row_bytes
+            end = first + n * row_bytes
+            for r in range(max(0, _ceil_div(lo - cum[p], row_bytes)), min(n, _ceil_div(hi - cum[p], row_bytes))):
+                base = first + r * row_bytes
+                for line in range(base + prefetch_bytes, min(end, base + prefetch_bytes + row_bytes), CACHE_LINE):
+                    simd.prefetch(flat, line)
+                y[yr, r] = dot_row(codes[w], flat, base, x, qx, bx, dx, sx, acc)
 
 
-@njit(cache=True, parallel=True)
-def gemv_experts_rows(code, W3, experts, X, Y, tasks):
-    """Y[i, n] = W3[experts[i], n, :] . X[i]  for the routed experts of one token, in one launch."""
-    check_code(code)
-    m, k = X.shape
-    nb = k // QK8_0
-    Xq = np.empty((m, k if _uses_q8(code) else 0), np.int16)
-    Xd = np.empty((m, nb), np.float32)
-    Xs = np.empty((m, nb), np.float32)
-    if _uses_q8(code):
-        for i in range(m):
-            quantize_activation(X[i], Xq[i], Xd[i], Xs[i])
-    Xb = Xq.astype(np.int8)
-    n, row_bytes = W3.shape[1], W3.shape[2]
-    flat = W3.reshape(-1)
-    per = max(1, min(n, tasks // max(1, m)))
-    for t in prange(m * per):
-        i, c = t // per, t % per
-        acc = np.empty(ACC, np.float32)
-        first = experts[i] * n
-        for r in range(c * n // per, (c + 1) * n // per):
-            Y[i, r] = dot_row(code, flat, (first + r) * row_bytes, X[i], Xq[i], Xb[i], Xd[i], Xs[i], acc)
+def run_products(codes, Ws, Xs, Ys, products: np.ndarray) -> None:
+    """gemv_products over tuples of weights (2-D ones given a leading axis of 1), inputs and outputs."""
+    Ws = tuple(W if W.ndim == 3 else W.reshape(1, *W.shape) for W in Ws)
+    gemv_products(np.asarray(codes, np.int64), Ws, tuple(Xs), tuple(Ys), products,
+                  TASKS_PER_THREAD * numba.get_num_threads(), PREFETCH_BYTES)
+
+
+@lru_cache(maxsize=64)
+def products_of(n_weights: int, rows: int) -> np.ndarray:
+    """The products table (read-only, shared) of every row of one input times each of n_weights 2-D
+    weights, into output j (w = j, e = 0, xi = 0, xr = row, yi = j, yr = row)."""
+    p = np.zeros((n_weights * rows, 6), np.int64)
+    p[:, 0] = p[:, 4] = np.repeat(np.arange(n_weights), rows)
+    p[:, 3] = p[:, 5] = np.tile(np.arange(rows), n_weights)
+    p.flags.writeable = False
+    return p
+
+
+def expert_products(n_weights: int, experts: np.ndarray, shared_input: bool) -> np.ndarray:
+    """The products table of routed experts: row i of output j = weight j's expert experts[i] times
+    input row i (or row 0 of a shared input)."""
+    k = len(experts)
+    p = products_of(n_weights, k).copy()
+    p[:, 1] = np.tile(experts, n_weights)
+    if shared_input:
+        p[:, 3] = 0
+    p.flags.writeable = False     # as products_of's: one array type for gemv_products
+    return p
 
 
 def gemv(code: int, W: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    gemv_rows(code, W, x, y, 8 * numba.get_num_threads())
+    """y = W . x for one activation row."""
+    run_products((code,), (W,), (x[None],), (y[None],), products_of(1, 1))
     return y
 
 
 def gemv_experts(code: int, W3: np.ndarray, experts: np.ndarray, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
-    gemv_experts_rows(code, W3, experts, X, Y, 8 * numba.get_num_threads())
+    """Y[i] = W3[experts[i]] . X[i]  for the routed experts of one token."""
+    run_products((code,), (W3,), (X,), (Y,), expert_products(1, np.asarray(experts, np.int64), False))
     return Y
 
 

@@ -148,6 +148,20 @@ def sum32(typingctx, acc):
     return types.float32(acc), codegen
 
 
+@intrinsic
+def prefetch(typingctx, src, off):
+    """Ask for the cache line of src[off] ahead of its use (llvm.prefetch: read, keep in all levels)."""
+    def codegen(context, builder, signature, args):
+        p8 = I8.as_pointer()
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        p = builder.bitcast(builder.gep(data, [args[1]]), p8)
+        fn = builder.module.globals.get("llvm.prefetch.p0i8") or \
+            ir.Function(builder.module, ir.FunctionType(ir.VoidType(), [p8, I32, I32, I32]), "llvm.prefetch.p0i8")
+        builder.call(fn, [p, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+        return context.get_dummy_value()
+    return types.void(src, off), codegen
+
+
 # ---------------------------------------------------------------- weight decoders (32 weights each)
 
 def _bytes(context, builder, srcty, src, off, n):

@@ -1,11 +1,16 @@
 """Vision-encoder kernels for the CPU backend (numba): im2col for the convolutions, SAM's window
-partition with zero padding, and softmax with SAM's decomposed relative-position bias.
-Attention products go through BLAS in row chunks (see CPUBackend.attention), so even SAM's
-4096-token global attention never holds more than one chunk of one head's scores."""
+partition with zero padding, q/k/v split into heads, and attention with SAM's decomposed
+relative-position bias.
+
+Attention (see CPUBackend.attention) takes q/k/v split head-major once, so no kernel reads a
+strided head slice. Short sequences (SAM's 196-token windows, CLIP's 257 tokens) run in one
+kernel, scores of four query rows at a time held in cache (attention_fused); long ones (SAM's
+global blocks) make scores a chunk of rows at a time with BLAS and softmax them here
+(softmax_relpos), so even the 4096-token attention never holds more than one chunk of one head."""
 import numpy as np
 from numba import njit, prange
 
-from dsocr.runtime.cpu.ops import exp_normalize
+from dsocr.runtime.cpu.ops import exp_f32
 
 
 @njit(cache=True, parallel=True)
@@ -55,31 +60,129 @@ def window_unpartition(win, ws, out):
                 out[y, xx, c] = win[w, r, c]
 
 
-@njit(cache=True, parallel=True, fastmath=True)
-def softmax_relpos(scores, q, row0, Rh, Rw, H, W, scale):
-    # scores [r, H*W] in place for query rows row0..row0+r-1 of one head (q [r, d], unscaled):
-    # softmax(scores*scale + q.Rh[hq, kh] + q.Rw[wq, kw])  - SAM's decomposed relative positions
-    r, n = scores.shape
-    d = q.shape[1]
-    for i in prange(r):
-        qi = row0 + i
-        hq, wq = qi // W, qi % W
-        rel_h = np.empty(H, np.float32)
-        rel_w = np.empty(W, np.float32)
-        for kh in range(H):
+@njit(cache=True, parallel=True)
+def split_heads(x, transpose, out):
+    # x [B, n, H*d] (any strides: a q/k/v view of the fused qkv rows) -> out [B, H, n, d],
+    # or [B, H, d, n] when transposed (keys and values of the fused kernel)
+    B, n = x.shape[0], x.shape[1]
+    nh = out.shape[1]
+    d = x.shape[2] // nh
+    for t in prange(B * nh):
+        b, h = t // nh, t % nh
+        for i in range(n):
+            for j in range(d):
+                if transpose:
+                    out[b, h, j, i] = x[b, i, h * d + j]
+                else:
+                    out[b, h, i, j] = x[b, i, h * d + j]
+
+
+@njit(cache=True, parallel=True)
+def merge_heads(x, out):
+    # x [B, H, n, d] -> out [B, n, H*d]
+    B, nh, n, d = x.shape
+    for t in prange(B * n):
+        b, i = t // n, t % n
+        for h in range(nh):
+            for j in range(d):
+                out[b, i, h * d + j] = x[b, h, i, j]
+
+
+@njit(cache=True, inline="always", fastmath=True)
+def biased_exp_row(row, q, i, Rh, Rw, W, scale, rel_h, rel_w):
+    """row [n] (query i's raw scores q.k) in place -> exp(row*scale + bias - max), returning its sum.
+    bias: SAM's decomposed relative positions q.Rh[i // W, kh] + q.Rw[i % W, kw] for key (kh, kw),
+    q unscaled; none when Rh is empty (CLIP). rel_h, rel_w: scratch of Rh's and Rw's key counts."""
+    n = row.shape[0]
+    d = q.shape[0]
+    if Rh.shape[0] > 0:
+        hq, wq = i // W, i % W
+        for kh in range(Rh.shape[1]):
             s = np.float32(0.0)
             for c in range(d):
-                s += q[i, c] * Rh[hq, kh, c]
+                s += q[c] * Rh[hq, kh, c]
             rel_h[kh] = s
         for kw in range(W):
             s = np.float32(0.0)
             for c in range(d):
-                s += q[i, c] * Rw[wq, kw, c]
+                s += q[c] * Rw[wq, kw, c]
             rel_w[kw] = s
-        mx = np.float32(-np.inf)
-        for kh in range(H):
+        for kh in range(Rh.shape[1]):
             for kw in range(W):
-                v = scores[i, kh * W + kw] * scale + rel_h[kh] + rel_w[kw]
-                scores[i, kh * W + kw] = v
-                mx = max(mx, v)
-        exp_normalize(scores[i], n, mx)
+                row[kh * W + kw] = row[kh * W + kw] * scale + rel_h[kh] + rel_w[kw]
+    else:
+        for j in range(n):
+            row[j] *= scale
+    mx = np.float32(-np.inf)
+    for j in range(n):
+        mx = max(mx, row[j])
+    total = np.float32(0.0)
+    for j in range(n):
+        e = exp_f32(row[j] - mx)
+        row[j] = e
+        total += e
+    return total
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def softmax_relpos(scores, q, row0, Rh, Rw, W, scale):
+    # scores [r, n] in place for query rows row0..row0+r-1 of one head (q [r, d], unscaled):
+    # softmax(scores*scale + q.Rh[hq, kh] + q.Rw[wq, kw])  - SAM's decomposed relative positions
+    r = scores.shape[0]
+    for i in prange(r):
+        rel_h = np.empty(Rh.shape[1], np.float32)
+        rel_w = np.empty(Rw.shape[1], np.float32)
+        inv = np.float32(1.0) / biased_exp_row(scores[i], q[i], row0 + i, Rh, Rw, W, scale, rel_h, rel_w)
+        for j in range(scores.shape[1]):
+            scores[i, j] *= inv
+
+
+ROWS = 4    # query rows of attention_fused that share each key and value load
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def attention_fused(q, kt, vt, Rh, Rw, W, scale, out):
+    # q [B, H, n, d], kt, vt [B, H, d, n] -> out [B, n, H*d]: softmax(q k^T * scale + bias) v per
+    # head (bias as biased_exp_row), ROWS query rows at a time: their scores [ROWS, n] stay in cache.
+    # QK^T accumulates key rows into the scores (vectorised over keys); PV is a dot per value
+    # column (vectorised over keys). A last short group repeats the last row and drops it.
+    B, nh, n, d = q.shape
+    groups = (n + ROWS - 1) // ROWS
+    for task in prange(B * nh * groups):
+        b, h, g0 = task // (nh * groups), (task // groups) % nh, (task % groups) * ROWS
+        s = np.empty((ROWS, n), np.float32)
+        inv = np.empty(ROWS, np.float32)
+        rel_h = np.empty(Rh.shape[1], np.float32)
+        rel_w = np.empty(Rw.shape[1], np.float32)
+        i0, i1, i2, i3 = g0, min(g0 + 1, n - 1), min(g0 + 2, n - 1), min(g0 + 3, n - 1)
+        s0, s1, s2, s3 = s[0], s[1], s[2], s[3]
+        s[:] = 0.0
+        for c in range(d):
+            a0, a1, a2, a3 = q[b, h, i0, c], q[b, h, i1, c], q[b, h, i2, c], q[b, h, i3, c]
+            kr = kt[b, h, c]
+            for j in range(n):
+                kj = kr[j]
+                s0[j] += a0 * kj
+                s1[j] += a1 * kj
+                s2[j] += a2 * kj
+                s3[j] += a3 * kj
+        for r in range(ROWS):
+            i = min(g0 + r, n - 1)
+            inv[r] = np.float32(1.0) / biased_exp_row(s[r], q[b, h, i], i, Rh, Rw, W, scale, rel_h, rel_w)
+        for c in range(d):
+            vr = vt[b, h, c]
+            t0 = t1 = t2 = t3 = np.float32(0.0)
+            for j in range(n):
+                vj = vr[j]
+                t0 += s0[j] * vj
+                t1 += s1[j] * vj
+                t2 += s2[j] * vj
+                t3 += s3[j] * vj
+            col = h * d + c
+            out[b, i0, col] = t0 * inv[0]
+            if g0 + 1 < n:
+                out[b, i1, col] = t1 * inv[1]
+            if g0 + 2 < n:
+                out[b, i2, col] = t2 * inv[2]
+            if g0 + 3 < n:
+                out[b, i3, col] = t3 * inv[3]

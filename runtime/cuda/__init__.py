@@ -93,12 +93,23 @@ class CUDABackend:
             self.mm.gemm[((n + t - 1) // t, (m + t - 1) // t), (t, t)](w.raw, w.code, x, out)
         return out
 
+    def matmul_many(self, x, ws, experts=None):
+        if experts is None:
+            return [self.matmul(x, w) for w in ws]
+        k = len(experts)
+        xk = self.repeat_rows(x, k)
+        return [self.matmul_experts(xk, w, experts, self.empty((k, w.shape[1]))) for w in ws]
+
     def matmul_experts(self, x, w: DeviceTensor, experts, out):
         self.mm.gemv_experts[(w.shape[1], x.shape[0]), self.tpb](w.raw, w.code, self._ints(experts), x, out)
         return out
 
-    def expert_matmul(self, x, w: DeviceTensor, e: int, out=None):
-        return self.matmul(x, DeviceTensor(w.name, w.qtype, w.shape[1:], w.raw[e]), out)
+    def expert_matmul(self, x, w: DeviceTensor, starts, out=None):
+        out = self.empty((x.shape[0], w.shape[1])) if out is None else out
+        for e in np.flatnonzero(np.diff(starts)):
+            a, b = int(starts[e]), int(starts[e + 1])
+            self.matmul(x[a:b], DeviceTensor(w.name, w.qtype, w.shape[1:], w.raw[e]), out[a:b])
+        return out
 
     def embed(self, t: DeviceTensor, ids):
         out = self.empty((len(ids), t.shape[-1]))
@@ -130,10 +141,7 @@ class CUDABackend:
         return out
 
     def weighted_sum_into(self, out, y, w) -> None:
-        self.ops.weighted_sum_into[self._grid(out.shape[1]), self.tpb](out, y, self.asarray(w))
-
-    def scatter_add_rows(self, out, rows, y, w) -> None:
-        self.ops.scatter_add_rows[len(rows), self.tpb](out, self._ints(rows), y, self.asarray(w))
+        self.ops.weighted_sum_into[out.shape[0], self.tpb](out, y, self.asarray(w))
 
     def route(self, logits, k: int):
         m = logits.shape[0]

@@ -170,19 +170,13 @@ def copy_cols(src, dst, col0):
 
 @cuda.jit
 def weighted_sum_into(out, y, w):
-    # out[0, j] += sum_k w[k] y[k, j]
-    for j in range(cuda.grid(1), out.shape[1], cuda.gridsize(1)):
+    # a block per token t: out[t, j] += sum_s w[t, s] y[t*k + s, j]
+    t, k = cuda.blockIdx.x, w.shape[1]
+    for j in range(cuda.threadIdx.x, out.shape[1], cuda.blockDim.x):
         acc = float32(0.0)
-        for k in range(y.shape[0]):
-            acc += w[k] * y[k, j]
-        out[0, j] += acc
-
-
-@cuda.jit
-def scatter_add_rows(out, rows, y, w):
-    i = cuda.blockIdx.x
-    for j in range(cuda.threadIdx.x, y.shape[1], cuda.blockDim.x):
-        out[rows[i], j] += w[i] * y[i, j]
+        for s in range(k):
+            acc += w[t, s] * y[t * k + s, j]
+        out[t, j] += acc
 
 
 @cuda.jit
