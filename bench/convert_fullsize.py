@@ -7,9 +7,7 @@ its peak RSS comes from wait4(). Target: peak RSS <= 1.5 GB.
 
     python bench/convert_fullsize.py [--outtypes f16,q8_0,q4_k_m] [--json] [--keep]
 """
-import os
-
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # before numpy: see cli/__init__.py
+import dsocr.runtime.thread_env  # noqa: E402,F401  (first: before numpy loads OpenBLAS)
 
 import argparse
 import json

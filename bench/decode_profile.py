@@ -9,13 +9,11 @@ as the difference of the two totals. Also printed: the cost of one empty numba p
 
     python bench/decode_profile.py models/bench/random-DeepSeek-OCR-Q8_0.gguf [--tokens 32] [--reps 5]
 """
-import os
 
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # before numpy: see cli/__init__.py
+import dsocr.runtime.thread_env  # noqa: E402,F401  (first: before numpy loads OpenBLAS)
 
 import argparse
 import statistics
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path

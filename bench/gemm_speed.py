@@ -6,9 +6,8 @@ expert's share of them (6 x 300 / 64 rows), and SAM's at a 640 view (1600 tokens
 
     python bench/gemm_speed.py [--types q8_0,q4_k,q6_k,q5_0] [--reps 5] [--json]
 """
-import os
 
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # before numpy: see cli/__init__.py
+import dsocr.runtime.thread_env  # noqa: E402,F401  (first: before numpy loads OpenBLAS)
 
 import argparse
 import json

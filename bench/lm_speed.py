@@ -17,9 +17,8 @@ copy kernel, and the products' flops at the FP32 peak of a register-tiled SGEMM 
 
     python bench/lm_speed.py [--types q8_0,q4_k_m,f16] [--device cpu|cuda] [--json]
 """
-import os
 
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # before numpy: see cli/__init__.py
+import dsocr.runtime.thread_env  # noqa: E402,F401  (first: before numpy loads OpenBLAS)
 
 import argparse
 import json

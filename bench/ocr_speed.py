@@ -10,9 +10,8 @@ register-tiled SGEMM measured on the device (bench/cuda_baselines.py).
 
     python bench/ocr_speed.py [--rows base:q8_0:f16,gundam:q8_0:f16,...] [--device cpu|cuda] [--json]
 """
-import os
 
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # before numpy: see cli/__init__.py
+import dsocr.runtime.thread_env  # noqa: E402,F401  (first: before numpy loads OpenBLAS)
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -11,9 +11,8 @@ fall back to Q5_0 and Q8_0 there, as llama.cpp's converter falls back.)
 
     python bench/quant_fidelity.py [--types q8_0,q6_k,q4_k,q4_k_m] [--json]
 """
-import os
 
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # before numpy: see cli/__init__.py
+import dsocr.runtime.thread_env  # noqa: E402,F401  (first: before numpy loads OpenBLAS)
 
 import argparse  # noqa: E402
 import json  # noqa: E402

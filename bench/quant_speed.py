@@ -6,9 +6,8 @@ more in first-touch page faults (about 3 us a page on a VM) than the conversion 
 
     python bench/quant_speed.py [--mb 64] [--json]
 """
-import os
 
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # before numpy: see cli/__init__.py
+import dsocr.runtime.thread_env  # noqa: E402,F401  (first: before numpy loads OpenBLAS)
 
 import argparse
 import json

@@ -6,7 +6,7 @@ completed/lost counts, p50/p95 latency, time to first token and throughput.
 """
 import os
 
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # before numpy: see cli/__init__.py
+import dsocr.runtime.thread_env  # noqa: E402,F401  (first: before numpy loads OpenBLAS)
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402

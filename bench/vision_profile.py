@@ -10,9 +10,8 @@ the table shows the median per op, and the medians of the whole encode.
     python bench/vision_profile.py [--mmproj models/bench/mmproj-random-DeepSeek-OCR-F16.gguf]
                                    [--page 1024x1024] [--mode gundam] [--reps 3]
 """
-import os
 
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # before numpy: see cli/__init__.py
+import dsocr.runtime.thread_env  # noqa: E402,F401  (first: before numpy loads OpenBLAS)
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402

@@ -30,7 +30,7 @@ seconds and MB: llama.cpp / dsocr).
 """
 import os
 
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # before numpy: see cli/__init__.py
+import dsocr.runtime.thread_env  # noqa: E402,F401  (first: before numpy loads OpenBLAS)
 
 import argparse  # noqa: E402
 import json  # noqa: E402

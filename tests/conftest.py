@@ -1,7 +1,7 @@
 """Shared paths for the tests. Everything they read lives under tests/fixtures."""
 import os
 
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # before numpy loads OpenBLAS: see cli/__init__.py
+import dsocr.runtime.thread_env  # noqa: E402,F401  (first: before numpy loads OpenBLAS)
 # No NVIDIA device (CI): the CUDA backend's tests run in numba's simulator. Read when numba loads.
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
