@@ -93,8 +93,9 @@ def test_gemv_experts(qtype):
 
 
 @pytest.mark.skipif(not AVX512_VNNI, reason="host has no AVX-512 VNNI")
-@pytest.mark.parametrize("qtype,k", [(QT.Q8_0, 1280), (QT.Q8_0, 1312), (QT.Q4_K, 1280), (QT.Q6_K, 1280)],
-                         ids=["Q8_0", "Q8_0-odd-blocks", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("qtype,k", [(QT.Q8_0, 1280), (QT.Q8_0, 1312), (QT.Q5_0, 896), (QT.Q5_0, 928),
+                                     (QT.Q4_K, 1280), (QT.Q6_K, 1280)],
+                         ids=["Q8_0", "Q8_0-odd-blocks", "Q5_0", "Q5_0-odd-blocks", "Q4_K", "Q6_K"])
 def test_vnni_dots_equal_portable_and_numpy(qtype, k):
     """The vpdpbusd row dots (two blocks per instruction, int8 activation) against the portable ones on
     the same rows, and gguf dequantize + numpy. Their integer block sums are exact, so they differ from
@@ -115,6 +116,9 @@ def test_vnni_dots_equal_portable_and_numpy(qtype, k):
     if qtype == QT.Q8_0:
         got = [mm.dot_q8_0_vnni(flat, r, xb, xd, acc) for r in rows]
         portable = [mm.dot_q8_0(flat, r, xq, xd, acc) for r in rows]
+    elif qtype == QT.Q5_0:
+        got = [mm.dot_q5_0_vnni(flat, r, xb, xd, acc) for r in rows]
+        portable = [mm.dot_q5_0(flat, r, xq, xd, acc) for r in rows]
     elif qtype == QT.Q4_K:
         got = [mm.dot_q4_k_vnni(flat, r, xb, xd, xs, acc) for r in rows]
         portable = [mm.dot_q4_k(flat, r, xq, xd, xs, acc) for r in rows]

@@ -4,7 +4,7 @@
   from their ggml blocks (mmap), through the per-block SIMD kernels of `simd.py`; the
   activation is quantized once per call to int8 blocks of 32 (ggml's q8 trick: integer
   products of the block, one float multiply per block). Float weights use a float dot.
-  On AVX-512 VNNI hosts Q8_0, Q4_K and Q6_K rows go through the vpdpbusd kernels (`dot_*_vnni`,
+  On AVX-512 VNNI hosts Q8_0, Q5_0, Q4_K and Q6_K rows go through the vpdpbusd kernels (`dot_*_vnni`,
   two blocks per instruction); elsewhere, and for the other types, the portable ones.
 * Many rows of float weights (the F16 mmproj): `gemm`. Compute-bound, so weight rows are
   dequantized a chunk at a time into a reused float32 buffer and multiplied by BLAS (numpy's
@@ -22,9 +22,9 @@ from numba import njit, prange
 from dsocr.quant.bits import bf16_to_fp32, fp16_to_fp32, load_fp16, nearest_int
 from dsocr.quant.layout import (BF16, BF16_BYTES, F16, F16_BYTES, F32, F32_BYTES, Q4_0, Q4_0_BYTES, Q4_0_QS,
                                 Q4_1, Q4_1_BYTES, Q4_1_M, Q4_1_QS, Q4_K, Q4_K_BYTES, Q4_K_D, Q4_K_DMIN,
-                                Q4_K_QS, Q4_K_SCALES, Q5_0, Q5_0_BYTES, Q5_0_QH, Q5_0_QS, Q5_1, Q5_1_BYTES,
-                                Q5_1_M, Q5_1_QH, Q5_1_QS, Q5_K, Q5_K_BYTES, Q5_K_D, Q5_K_DMIN, Q5_K_QH,
-                                Q5_K_QS, Q5_K_SCALES, Q6_K, Q6_K_BYTES, Q6_K_D, Q6_K_QH, Q6_K_QL,
+                                Q4_K_QS, Q4_K_SCALES, Q5_0, Q5_0_BYTES, Q5_0_D, Q5_0_QH, Q5_0_QS, Q5_1,
+                                Q5_1_BYTES, Q5_1_M, Q5_1_QH, Q5_1_QS, Q5_K, Q5_K_BYTES, Q5_K_D, Q5_K_DMIN,
+                                Q5_K_QH, Q5_K_QS, Q5_K_SCALES, Q6_K, Q6_K_BYTES, Q6_K_D, Q6_K_QH, Q6_K_QL,
                                 Q6_K_SCALES, Q8_0, Q8_0_BYTES, Q8_0_D, Q8_0_QS, QK8_0, QK_K, check_code)
 from dsocr.quant.rows import _load_u32, dequantize_rows, scale_min_k4
 from dsocr.runtime.cpu import simd
@@ -161,6 +161,27 @@ def dot_q5_0(w, base, xq, xd, acc):
 
 
 @njit(cache=True, fastmath=True)
+def dot_q5_0_vnni(w, base, xb, xd, acc):
+    """dot_q5_0 through vpdpbusd, two blocks a call (xb: the activation quants as int8)."""
+    _reset(acc)
+    nb = xd.size
+    for p in range(nb // 2):
+        b = 2 * p
+        simd.block_q5_0_pair_vnni(acc, p & 1, w, base + Q5_0_BYTES * b, xb, QK8_0 * b, xd[b], xd[b + 1])
+    s = _total(acc)
+    if nb & 1:     # an odd last block: scalar
+        b = nb - 1
+        o = base + Q5_0_BYTES * b
+        qh = _load_u32(w, o + Q5_0_QH)
+        t = 0
+        for j in range(QK8_0):
+            nib = (w[o + Q5_0_QS + j % 16] >> (4 * (j // 16))) & 15
+            t += (np.int64(nib | (((qh >> j) & 1) << 4)) - 16) * np.int64(xb[QK8_0 * b + j])
+        s += load_fp16(w, o + Q5_0_D) * xd[b] * np.float32(t)
+    return s
+
+
+@njit(cache=True, fastmath=True)
 def dot_q5_1(w, base, xq, xd, xs, acc):
     _reset(acc)
     mins = np.float32(0.0)
@@ -273,6 +294,8 @@ def dot_row(code, w, base, x, xq, xb, xd, xs, acc):
             return dot_q6_k_vnni(w, base, xb, xd, acc)
         return dot_q6_k(w, base, xq, xd, acc)
     if code == Q5_0:
+        if AVX512_VNNI:
+            return dot_q5_0_vnni(w, base, xb, xd, acc)
         return dot_q5_0(w, base, xq, xd, acc)
     if code == F16:
         return dot_f16(w, base, x, acc)

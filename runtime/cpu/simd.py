@@ -20,7 +20,7 @@ vector broadcast: a scalar fp16 load would be merged into a live register by vpi
 dependency that chained every block); Q6_K's 16-weight sub-blocks take s0 and s1 for the two
 halves. Float weights (F32/F16/BF16) use the same accumulation against a float activation.
 
-On AVX-512 VNNI hosts (features.AVX512_VNNI) the Q8_0, Q4_K and Q6_K kernels call vpdpbusd explicitly
+On AVX-512 VNNI hosts (features.AVX512_VNNI) the Q8_0, Q5_0, Q4_K and Q6_K kernels call vpdpbusd explicitly
 (LLVM does not form it from the portable IR): 64 unsigned x signed bytes -> 16 int32 lanes of
 4-byte sums, two 32-weight blocks per instruction, lanes 0-7 from the first and 8-15 from the
 second, scaled per block in float and accumulated into 16-lane slots; the K-quants a whole
@@ -33,9 +33,9 @@ from numba import types
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
-from dsocr.quant.layout import (Q4_0_D, Q4_0_QS, Q4_1_D, Q4_1_QS, Q4_K_D, Q4_K_DMIN, Q4_K_QS, Q4_K_SCALES, Q5_0_D,
-                                Q5_0_QS, Q5_1_D, Q5_1_QS, Q6_K_D, Q6_K_QH, Q6_K_QL, Q6_K_SCALES, Q8_0_BYTES, Q8_0_D,
-                                Q8_0_QS)
+from dsocr.quant.layout import (Q4_0_D, Q4_0_QS, Q4_1_D, Q4_1_QS, Q4_K_D, Q4_K_DMIN, Q4_K_QS, Q4_K_SCALES,
+                                Q5_0_BYTES, Q5_0_D, Q5_0_QH, Q5_0_QS, Q5_1_D, Q5_1_QS, Q6_K_D, Q6_K_QH, Q6_K_QL,
+                                Q6_K_SCALES, Q8_0_BYTES, Q8_0_D, Q8_0_QS)
 from dsocr.runtime.cpu.features import AVX512_VNNI
 
 BLOCK = 32   # weights per kernel call: a legacy block, a K-quant sub-block (the vector IR is written for 32)
@@ -317,6 +317,40 @@ def block_q8_0_pair_vnni(typingctx, acc, slot, src, off, xb, xo, s0, s1):
         at = ir.Constant(I64, Q8_0_D - Q8_0_QS)
         d = _pair16(builder, _load(context, builder, srcty, src_a, builder.add(off_v, at), I16, 1),
                     _load(context, builder, srcty, src_a, builder.add(second, at), I16, 1), I16)
+        scale = builder.fmul(builder.fpext(builder.bitcast(d, _vec(F16, 16)), _vec(F32, 16)),
+                             _pair16(builder, s0_v, s1_v, F32), flags=FAST)
+        _accumulate16(context, builder, signature.args[0], acc_a, slot_v, builder.fmul(p, scale, flags=FAST))
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def block_q5_0_pair_vnni(typingctx, acc, slot, src, off, xb, xo, s0, s1):
+    """acc[16*slot:][:16] += two consecutive Q5_0 blocks (the first at byte `off`) times the int8
+    activation xb[xo:xo+64], scaled by their fp16 d times s0, s1: the 5-bit quants (nibble | qh's
+    bit j << 4, unsigned 0-31) in one vpdpbusd, the -16 offset a second one of 16s with x."""
+    _require_vnni()
+    sig = types.void(acc, slot, src, off, xb, xo, s0, s1)
+
+    def codegen(context, builder, signature, args):
+        acc_a, slot_v, src_a, off_v, xb_a, xo_v, s0_v, s1_v = args
+        srcty = signature.args[2]
+        at = lambda o, n: builder.add(o, ir.Constant(I64, n))   # noqa: E731
+
+        def quants(o):
+            b = _bytes(context, builder, srcty, src_a, at(o, Q5_0_QS), 16)
+            lo = _concat(builder, _nibbles(builder, b, 0), _nibbles(builder, b, 4))
+            qh = _splat(builder, _load(context, builder, srcty, src_a, at(o, Q5_0_QH), I32, 1), I32, 32)
+            bits = builder.and_(builder.lshr(qh, ir.Constant(_vec(I32, 32), list(range(32)))),
+                                ir.Constant(_vec(I32, 32), [1] * 32))
+            hi = builder.shl(builder.trunc(bits, _vec(I8, 32)), ir.Constant(_vec(I8, 32), [4] * 32))
+            return builder.or_(lo, hi)
+        second = at(off_v, Q5_0_BYTES)
+        x = _load(context, builder, signature.args[4], xb_a, xo_v, _vec(I8, 64), 1)
+        p = builder.fsub(_dpbusd(builder, _concat(builder, quants(off_v), quants(second)), x),
+                         _dpbusd(builder, ir.Constant(_vec(I8, 64), [16] * 64), x), flags=FAST)
+        d = _pair16(builder, _load(context, builder, srcty, src_a, at(off_v, Q5_0_D), I16, 1),
+                    _load(context, builder, srcty, src_a, at(second, Q5_0_D), I16, 1), I16)
         scale = builder.fmul(builder.fpext(builder.bitcast(d, _vec(F16, 16)), _vec(F32, 16)),
                              _pair16(builder, s0_v, s1_v, F32), flags=FAST)
         _accumulate16(context, builder, signature.args[0], acc_a, slot_v, builder.fmul(p, scale, flags=FAST))
