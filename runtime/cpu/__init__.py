@@ -3,6 +3,7 @@ numba kernels."""
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numba
 import numpy as np
@@ -30,6 +31,15 @@ BLAS_ATTENTION_ROWS = 8     # query rows from which causal attention goes throug
 # which costs more than the products at these sizes
 FUSED_ATTENTION_KEYS = 1024
 NO_RELPOS = np.zeros((0, 0, 0), np.float32)
+
+
+@lru_cache(maxsize=4)
+def consecutive_rope_tables(pos0: int, m: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """rope_tables of positions pos0..pos0+m-1, shared (read-only) by the calls of one forward."""
+    tables = rope_tables(np.arange(pos0, pos0 + m), head_dim, theta)
+    for t in tables:
+        t.flags.writeable = False
+    return tables
 
 
 def kv_floats(c: np.ndarray) -> np.ndarray:
@@ -154,10 +164,7 @@ class CPUBackend:
     def concat_cols(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.concatenate([a, b], axis=1)
 
-    def weighted_sum_into(self, out: np.ndarray, y: np.ndarray, w: np.ndarray) -> None:
-        """out[t] += sum_s w[t, s] y[t*k + s]  (each token's routed experts)."""
-        m, k = w.shape
-        out += (np.asarray(w)[:, :, None] * y.reshape(m, k, -1)).sum(axis=1)
+    weighted_sum_into = staticmethod(ops.weighted_sum_into)
 
     def route(self, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Softmax router, greedy top-k (no renormalisation): (expert ids [m, k], weights [m, k])."""
@@ -196,7 +203,8 @@ class CPUBackend:
                         lambda s, qh, r0: ops.softmax_scaled(s, scale, pos0 + r0 + 1))
 
     def rope(self, x: np.ndarray, n_head: int, positions: np.ndarray, theta: float) -> None:
-        cos, sin = rope_tables(positions, x.shape[1] // n_head, theta)
+        """positions are consecutive (a chunk of the sequence), so a forward's 2 x n_layer calls share tables."""
+        cos, sin = consecutive_rope_tables(int(positions[0]), len(positions), x.shape[1] // n_head, float(theta))
         ops.rope_neox(x, n_head, cos, sin)
 
     # ---- vision

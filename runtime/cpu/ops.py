@@ -58,6 +58,22 @@ def silu_mul(gate, up, out):
 
 
 @njit(cache=True, parallel=True)
+def weighted_sum_into(out, y, w):
+    # out [m, n] += sum_s w[t, s] y[t*k + s] for w [m, k] (each token's routed experts), the products
+    # summed in slot order before the add, as numpy's (w[:, :, None] * y).sum(1) does
+    m, k = w.shape
+    n = out.shape[1]
+    for t in prange(m):
+        acc = np.zeros(n, np.float32)
+        for s in range(k):
+            ws = w[t, s]
+            for j in range(n):
+                acc[j] += ws * y[t * k + s, j]
+        for j in range(n):
+            out[t, j] += acc[j]
+
+
+@njit(cache=True, parallel=True)
 def softmax_rows(x, out):
     # x [m, c] -> out [m, c], float32 like torch.softmax(dtype=float32)
     m, c = x.shape
