@@ -140,3 +140,7 @@ class Backend(Protocol):
 
     def synchronize(self) -> None:
         """Wait for queued work (for timing)."""
+
+    def warm_up(self) -> None:
+        """Run (compile, or load from the cache) the kernels of paths that the engine's small warm-up
+        page does not reach, so that no real request waits for a compile."""

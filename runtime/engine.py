@@ -155,6 +155,7 @@ class OcrEngine:
         """Runs every kernel once (vision, prefill and a decode step) on a blank page, so numba compiles
         them, or loads them from its cache, before a real request has to wait for it. The decode step
         feeds a fixed token: through generate() an end-of-text first token would skip it."""
+        self.backend.warm_up()
         page = Image.new("RGB", (WARM_UP_VIEW.image_size, WARM_UP_VIEW.image_size), "white")
         embeds, ids = self.prepare(OcrRequest([page], DEFAULT_PROMPT, WARM_UP_VIEW), {})
         cache = self.lm.new_cache(len(ids) + 1)

@@ -256,3 +256,12 @@ class CPUBackend:
 
     def synchronize(self) -> None:
         pass
+
+    def warm_up(self) -> None:
+        # attention over more than FUSED_ATTENTION_KEYS keys (SAM's global blocks), with and without
+        # relative positions: a 33 x 33 grid of one-wide heads
+        side = 33
+        x = np.zeros((1, side * side, 1), np.float32)
+        rel = np.zeros((side, side, 1), np.float32)
+        self.attention(x, x, x, 1, (rel, rel, side, side))
+        self.attention(x, x, x, 1)
