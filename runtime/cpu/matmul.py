@@ -36,22 +36,25 @@ SUB_BLOCKS = QK_K // QK8_0   # activation q8 blocks per K-quant super-block
 
 
 @njit(cache=True)
-def quantize_activation(x, xq, xd, xs):
-    """x [k] -> int16 quants xq [k], per-QK8_0 (32) scales xd [k/32] and block sums xs = xd*sum(q)
-    (for the formats that store a minimum). k is a multiple of 32."""
+def quantize_activation(x, xq, xd, xs, group=QK8_0):
+    """x [k] -> quants xq [k] (int16 or int8), ggml's q8_0 per-32 scales and rounding; per group of
+    `group` weights (32, or 16 for the int8 GEMM's Q6_K) its block's scale xd and xd * sum(quants)
+    (for the formats that store a minimum or an offset). k is a multiple of 32."""
+    per = QK8_0 // group
     for b in range(x.size // QK8_0):
         amax = np.float32(0.0)
         for j in range(QK8_0 * b, QK8_0 * b + QK8_0):
             amax = max(amax, abs(x[j]))
         d = amax / np.float32(127.0)
         inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-        total = 0
-        for j in range(QK8_0 * b, QK8_0 * b + QK8_0):
-            q = nearest_int(x[j] * inv)
-            xq[j] = q
-            total += q
-        xd[b] = d
-        xs[b] = d * np.float32(total)
+        for h in range(per):
+            total = 0
+            for j in range(QK8_0 * b + group * h, QK8_0 * b + group * (h + 1)):
+                q = nearest_int(x[j] * inv)
+                xq[j] = q
+                total += q
+            xd[per * b + h] = d
+            xs[per * b + h] = d * np.float32(total)
 
 
 @njit(cache=True, inline="always")

@@ -17,15 +17,15 @@ L1/L2 while every activation row passes over it, so the decode is paid once per 
 import numpy as np
 from numba import njit, prange
 
-from dsocr.quant.bits import load_fp16, nearest_int
+from dsocr.quant.bits import load_fp16
 from dsocr.quant.layout import (Q4_0, Q4_0_BYTES, Q4_0_D, Q4_0_QS, Q4_1, Q4_1_BYTES, Q4_1_D, Q4_1_M, Q4_1_QS,
                                 Q4_K, Q4_K_BYTES, Q4_K_D, Q4_K_DMIN, Q4_K_QS, Q4_K_SCALES, Q5_0, Q5_0_BYTES,
                                 Q5_0_D, Q5_0_QH, Q5_0_QS, Q5_1, Q5_1_BYTES, Q5_1_D, Q5_1_M, Q5_1_QH, Q5_1_QS,
                                 Q5_K, Q5_K_BYTES, Q5_K_QH, Q5_K_QS, Q6_K, Q6_K_BYTES, Q6_K_D, Q6_K_QH,
                                 Q6_K_QL, Q6_K_SCALES, Q8_0, Q8_0_BYTES, Q8_0_D, Q8_0_QS, QK8_0, QK_K)
 from dsocr.quant.rows import scale_min_k4
-from dsocr.runtime.cpu.tile import (LANES, MR_MAX, NRG, STEP, TILE_N, load_u32, tile16_1, tile16_2, tile16_3,
-                                    tile16_4, tile32_1, tile32_2, tile32_3, tile32_4)
+from dsocr.runtime.cpu.matmul import quantize_activation
+from dsocr.runtime.cpu.tile import LANES, MR_MAX, NRG, STEP, TILE_N, load_u32, tile16, tile32
 
 CODES = (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)
 """The weight types the quantized GEMM takes (float weights stay with BLAS)."""
@@ -46,27 +46,6 @@ def supported(code):
 def group_of(code):
     """Weights per scale group: Q6_K's sub-blocks are 16, every other type's 32."""
     return 16 if code == Q6_K else 32
-
-
-@njit(cache=True)
-def quantize_groups(x, xq, xd, xs, group):
-    """x [k] -> int8 quants xq (q8_0's per-32 scales and rounding), and per group of `group`
-    weights its block's scale xd and xd * sum(quants)."""
-    per = QK8_0 // group
-    for b in range(x.size // QK8_0):
-        amax = np.float32(0.0)
-        for j in range(QK8_0 * b, QK8_0 * b + QK8_0):
-            amax = max(amax, abs(x[j]))
-        d = amax / np.float32(127.0)
-        inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-        for h in range(per):
-            total = 0
-            for j in range(QK8_0 * b + group * h, QK8_0 * b + group * (h + 1)):
-                q = nearest_int(x[j] * inv)
-                xq[j] = q
-                total += q
-            xd[per * b + h] = d
-            xs[per * b + h] = d * np.float32(total)
 
 
 # ---------------------------------------------------------------- 16 weight rows into the panel
@@ -212,28 +191,6 @@ def decode_tile(code, w, first, row_bytes, rows, k, codes, scales, betas, off):
 
 # ---------------------------------------------------------------- the GEMM
 
-@njit(cache=True, inline="always")
-def _tile(group, mr, codes, scales, betas, xq, xd, xs, i0, groups, k, out):
-    if group == 32:
-        if mr == 4:
-            tile32_4(codes, scales, betas, xq, xd, xs, i0, groups, k, out)
-        elif mr == 3:
-            tile32_3(codes, scales, betas, xq, xd, xs, i0, groups, k, out)
-        elif mr == 2:
-            tile32_2(codes, scales, betas, xq, xd, xs, i0, groups, k, out)
-        else:
-            tile32_1(codes, scales, betas, xq, xd, xs, i0, groups, k, out)
-    else:
-        if mr == 4:
-            tile16_4(codes, scales, betas, xq, xd, xs, i0, groups, k, out)
-        elif mr == 3:
-            tile16_3(codes, scales, betas, xq, xd, xs, i0, groups, k, out)
-        elif mr == 2:
-            tile16_2(codes, scales, betas, xq, xd, xs, i0, groups, k, out)
-        else:
-            tile16_1(codes, scales, betas, xq, xd, xs, i0, groups, k, out)
-
-
 @njit(cache=True, parallel=True)
 def qgemm_grouped(code, W3, X, starts, out, tasks):
     """out[i] = X[i] @ W3[e, :, :]^T for the rows starts[e] <= i < starts[e+1] of each e (W3: uint8
@@ -250,7 +207,7 @@ def qgemm_grouped(code, W3, X, starts, out, tasks):
     xd = np.empty(m * groups, np.float32)
     xs = np.empty(m * groups, np.float32)
     for i in prange(m):
-        quantize_groups(X[i], xq[i * k:(i + 1) * k], xd[i * groups:(i + 1) * groups],
+        quantize_activation(X[i], xq[i * k:(i + 1) * k], xd[i * groups:(i + 1) * groups],
                         xs[i * groups:(i + 1) * groups], group)
     flat = W3.reshape(-1)
     used = np.nonzero(starts[1:] > starts[:-1])[0]       # weight matrices with rows routed to them
@@ -269,7 +226,10 @@ def qgemm_grouped(code, W3, X, starts, out, tasks):
             decode_tile(code, flat, e * n + r0, row_bytes, rows, k, codes, scales, betas, off)
             for i0 in range(starts[e], starts[e + 1], MR_MAX):
                 mr = min(MR_MAX, starts[e + 1] - i0)
-                _tile(group, mr, codes, scales, betas, xq, xd, xs, i0, groups, k, acc)
+                if group == 32:
+                    tile32(codes, scales, betas, xq, xd, xs, i0, groups, k, acc, mr)
+                else:
+                    tile16(codes, scales, betas, xq, xd, xs, i0, groups, k, acc, mr)
                 for i in range(mr):
                     for r in range(rows):
                         out[i0 + i, r0 + r] = acc[i * TILE_N + r]
