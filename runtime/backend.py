@@ -54,11 +54,12 @@ class Backend(Protocol):
 
     def matmul_many(self, x: Array, ws, experts=None) -> list[Array]:
         """[x @ w^T for w in ws], which a backend may run together (one CPU launch for a few rows); with
-        `experts` (one token's routed expert ids, may stay on the backend) each w is a routed-experts
-        weight and row i of its product is x[0] @ w[experts[i]]^T."""
+        `experts` (each token's routed expert ids [m, k], may stay on the backend) each w is a
+        routed-experts weight and row t*k + s of its product is x[t] @ w[experts[t, s]]^T."""
 
     def matmul_experts(self, x: Array, w: Weight, experts, out: Array) -> Array:
-        """out[i] = x[i] @ w[experts[i]]^T for one token's few routed experts (ids may stay on the backend)."""
+        """out[i] = x[i] @ w[experts.flat[i]]^T for a decode step's routed experts (ids [m, k] in row-major
+        order, may stay on the backend)."""
 
     def expert_matmul(self, x: Array, w: Weight, starts: np.ndarray, out: Array | None = None) -> Array:
         """Rows grouped by routed expert: x[starts[e]:starts[e+1]] @ w[e]^T for every e (starts: host
@@ -71,8 +72,8 @@ class Backend(Protocol):
     def take_rows(self, x: Array, rows) -> Array:
         """x[rows] as a new array."""
 
-    def repeat_rows(self, x: Array, k: int) -> Array:
-        """x [1, c] repeated into [k, c]."""
+    def rows(self, x: Array, start: int, stop: int) -> Array:
+        """x[start:stop] as a view: what is written to it lands in x (one sequence's rows of a batch)."""
 
     def concat_rows(self, a: Array, b: Array) -> Array:
         """[a; b] along rows."""

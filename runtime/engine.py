@@ -2,7 +2,10 @@
 
     prompt text --tokenizer--> ids with each <image> expanded to its image's token count
     images --preprocess--> views --VisionModel--> rows, scattered into the <image> positions
-    --LanguageModel + generate--> text deltas, then token ids, finish reason and timings
+    --LanguageModel, decoded by the Scheduler--> text deltas, then token ids, finish reason and timings
+
+Every request is a sequence of the engine's scheduler (runtime/scheduler.py), so the pages of one
+run, or the requests of a server's users, decode together: submit() them, then stream() each.
 """
 from __future__ import annotations
 
@@ -15,13 +18,14 @@ import numpy as np
 from PIL import Image
 
 from dsocr.runtime.errors import InputError, ModelError
-from dsocr.runtime.generate import GenerationResult, SamplingParams, generate
+from dsocr.runtime.generate import GenerationResult, SamplingParams
 from dsocr.runtime.gguf_file import GGUFFile
-from dsocr.runtime.language import LanguageModel
+from dsocr.runtime.language import LanguageModel, Segment
 from dsocr.runtime.preprocess import (ViewConfig, build_prompt_ids, image_token_count, layout_prompt_ids,
                                       prepare_image, view_grid)
+from dsocr.runtime.scheduler import DEFAULT_PARALLEL, Scheduler, Sequence
 from dsocr.runtime.tokenizer import TextTokenizer
-from dsocr.runtime.vision import VisionModel
+from dsocr.runtime.vision import VisionModel, run_steps
 
 IMAGE_TOKEN = "<image>"
 # The prompts DeepSeek-OCR was trained on (its README); `locate` takes the thing to find.
@@ -98,7 +102,7 @@ def normalize_prompt(prompt: str, n_images: int) -> str:
 
 class OcrEngine:
     def __init__(self, model: str | Path, mmproj: str | Path | None = None, device: str = "cpu",
-                 threads: int | None = None):
+                 threads: int | None = None, parallel: int = DEFAULT_PARALLEL):
         lm_path, mm_path = find_model_pair(model, mmproj)
         self.lm_path, self.mmproj_path = lm_path, mm_path
         self.backend = make_backend(device, threads)
@@ -110,6 +114,7 @@ class OcrEngine:
                              f"has width {self.lm.p.n_embd}: not a matching pair")
         self.tokenizer = TextTokenizer.from_gguf(lm_file)
         self.image_id = self.tokenizer.token_id(IMAGE_TOKEN)
+        self.scheduler = Scheduler(self.lm, self.tokenizer, parallel)
 
     def check_context(self, prompt: str, image_sizes: list[tuple[int, int]], view: ViewConfig) -> int:
         """The prompt's token count, each <image> expanded to what an image of that (width, height) takes
@@ -125,42 +130,60 @@ class OcrEngine:
                              f"(the prompt and at least one new token must fit)")
         return n
 
+    def submit(self, req: OcrRequest, result: GenerationResult, on_delta=None, on_done=None,
+               cancelled=lambda: False, progress=None) -> Sequence:
+        """Queues the request as a sequence of the scheduler. Bad parameters and a prompt over the
+        context are refused here (InputError), before any pixel work."""
+        self._check(req)
+        return self.scheduler.submit(self._prompt(req, result.timings, progress), req.sampling, result, on_delta,
+                                     on_done, cancelled)
+
     def prepare(self, req: OcrRequest, timings: dict, progress=None) -> tuple[np.ndarray, list[int]]:
-        """Prompt ids and input embeddings (image rows in place). Bad parameters and a prompt over the
-        context are refused before any vision work."""
-        t0 = time.perf_counter()
+        """Prompt ids and input embeddings (image rows in place) of one request, all at once."""
+        self._check(req)
+        embeds, ids = run_steps(self._prompt(req, timings, progress))
+        return self.backend.to_host(embeds), ids
+
+    def _check(self, req: OcrRequest) -> None:
         req.sampling.validate()
         self.check_context(req.prompt, [img.size for img in req.images], req.view)
+
+    def _prompt(self, req: OcrRequest, timings: dict, progress):
+        # the sequence's prompt: ids and input embeddings (image rows in place), yielding between
+        # vision blocks so that the scheduler decodes other sequences meanwhile
+        t0 = time.perf_counter()
         prompt = normalize_prompt(req.prompt, len(req.images))
         prepared = [prepare_image(img, req.view) for img in req.images]
         ids, is_image = build_prompt_ids(self.tokenizer, prompt, prepared, IMAGE_TOKEN)
         t1 = time.perf_counter()
-        rows = [self.vision.image_embeddings(p, progress=progress) for p in prepared]
+        rows = []
+        for p in prepared:
+            rows.append((yield from self.vision.image_embedding_steps(p, progress=progress)))
         t2 = time.perf_counter()
         embeds = np.array(self.backend.to_host(self.lm.embed(ids)))
         if rows:
             embeds[is_image] = np.concatenate(rows)
         timings.update(preprocess_s=t1 - t0, vision_s=t2 - t1)
-        return embeds, ids
+        return self.backend.asarray(embeds), ids
 
     def stream(self, req: OcrRequest, result: GenerationResult, cancelled=lambda: False,
                progress=None) -> Iterator[str]:
-        timings: dict = {}
-        embeds, ids = self.prepare(req, timings, progress)
-        result.timings.update(timings)
-        yield from generate(self.lm, self.tokenizer, self.backend.asarray(embeds), ids, req.sampling, result,
-                            cancelled)
+        """The request's text as it comes (the scheduler runs whatever else was submitted meanwhile)."""
+        return self.scheduler.stream(self.submit(req, result, cancelled=cancelled, progress=progress))
 
     def warm_up(self) -> None:
-        """Runs every kernel once (vision, prefill and a decode step) on a blank page, so numba compiles
-        them, or loads them from its cache, before a real request has to wait for it. The decode step
-        feeds a fixed token: through generate() an end-of-text first token would skip it."""
+        """Runs every kernel once (vision, prefill, and a decode step of two sequences) on a
+        blank page, so numba compiles them, or loads them from its cache, before a real request has to
+        wait for it. The decode steps feed a fixed token: through the scheduler an end-of-text first
+        token would skip them."""
         self.backend.warm_up()
         page = Image.new("RGB", (WARM_UP_VIEW.image_size, WARM_UP_VIEW.image_size), "white")
         embeds, ids = self.prepare(OcrRequest([page], DEFAULT_PROMPT, WARM_UP_VIEW), {})
-        cache = self.lm.new_cache(len(ids) + 1)
+        cache = self.lm.new_cache(len(ids) + 2)
         self.backend.to_host(self.lm.forward(self.backend.asarray(embeds), 0, cache))
-        self.backend.to_host(self.lm.forward(self.lm.embed([self.tokenizer.bos_id]), len(ids), cache))
+        step = self.lm.embed([self.tokenizer.bos_id] * 2)    # a batch's decode step
+        self.backend.to_host(self.lm.forward_batch(step, [Segment(0, 1, len(ids), cache),
+                                                          Segment(1, 1, len(ids) + 1, cache)]))
 
     def run(self, req: OcrRequest) -> GenerationResult:
         result = GenerationResult()

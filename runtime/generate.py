@@ -1,4 +1,5 @@
-"""Decoding: prefill the prompt, then one token at a time with the KV cache.
+"""Decoding one sequence: its sampler, budget, text stream and result (runtime/scheduler.py runs the
+forwards, several sequences at a time).
 
 Greedy by default (temperature 0, or top_p 0); temperature / top-k / top-p sampling with a seed.
 Loops are blocked by a no-repeat n-gram rule, in two variants:
@@ -12,7 +13,6 @@ character and never re-decoding the whole output.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -122,43 +122,47 @@ class Sampler:
         return int(self.rng.choice(probs.size, p=probs))
 
 
+class Decoder:
+    """One sequence's decoding: each forward's logits in, the next token (or the end) out, its text
+    deltas and finish reason written to `result` as it goes."""
+
+    def __init__(self, params: SamplingParams, tokenizer: TextTokenizer, prompt_ids: list[int], n_ctx_train: int,
+                 result: GenerationResult):
+        self.result, self.tokenizer = result, tokenizer
+        result.prompt_tokens = len(prompt_ids)
+        result.finish_reason = "length"
+        self.n_ctx = min(n_ctx_train, len(prompt_ids) + max(0, params.max_new_tokens) + 1)
+        self.budget = max(0, min(params.max_new_tokens, self.n_ctx - len(prompt_ids)))
+        self.sampler = Sampler(params, tokenizer, prompt_ids)
+        self.stream = tokenizer.text_stream()
+
+    def next_token(self, logits: np.ndarray) -> tuple[int | None, str]:
+        """(the token to feed next, or None when the sequence ended with this one; the text delta)."""
+        ids = self.result.token_ids
+        tok = self.sampler(logits, ids)
+        if tok == self.tokenizer.eos_id:
+            return None, self.end("stop")
+        ids.append(tok)
+        delta = self.stream.push(tok)
+        self.result.text += delta
+        if len(ids) == self.budget:
+            return None, delta + self.end("length")
+        return tok, delta
+
+    def end(self, reason: str) -> str:
+        """Ends the sequence: its finish reason, and the text held back for an incomplete character."""
+        self.result.finish_reason = reason
+        tail = self.stream.flush()
+        self.result.text += tail
+        return tail
+
+
 def generate(lm, tokenizer: TextTokenizer, prompt_embeds, prompt_ids: list[int], params: SamplingParams,
              result: GenerationResult | None = None, cancelled=lambda: False) -> Iterator[str]:
-    """Yields text deltas; `result` (if given) is filled in as decoding goes (ids, text, reason, timings)."""
-    result = result if result is not None else GenerationResult()
-    result.prompt_tokens = len(prompt_ids)
-    n_ctx = min(lm.p.n_ctx_train, len(prompt_ids) + max(0, params.max_new_tokens) + 1)
-    budget = max(0, min(params.max_new_tokens, n_ctx - len(prompt_ids)))
-    cache = lm.new_cache(n_ctx)
-    sampler = Sampler(params, tokenizer, prompt_ids)
-    stream = tokenizer.text_stream()
-    t0 = time.perf_counter()
-    logits = lm.be.to_host(lm.forward(prompt_embeds, 0, cache))[-1] if budget else None
-    t1 = time.perf_counter()
-    result.finish_reason = "length"
-    pos = len(prompt_ids)
-    for _ in range(budget):
-        if cancelled():
-            result.finish_reason = "cancelled"
-            break
-        tok = sampler(logits, result.token_ids)
-        if tok == tokenizer.eos_id:
-            result.finish_reason = "stop"
-            break
-        result.token_ids.append(tok)
-        delta = stream.push(tok)
-        if delta:
-            result.text += delta
-            yield delta
-        if len(result.token_ids) == budget:
-            break
-        logits = lm.be.to_host(lm.forward(lm.embed([tok]), pos, cache))[-1]
-        pos += 1
-    tail = stream.flush()
-    if tail:
-        result.text += tail
-        yield tail
-    t2 = time.perf_counter()
-    n = len(result.token_ids)
-    result.timings.update(prefill_s=t1 - t0, decode_s=t2 - t1, prefill_tok_s=len(prompt_ids) / max(t1 - t0, 1e-9),
-                          decode_tok_s=max(n - 1, 0) / max(t2 - t1, 1e-9))
+    """Yields text deltas of one sequence from its prompt embeddings; `result` (if given) is filled in as
+    decoding goes (ids, text, reason, timings). The engine's scheduler with this one sequence."""
+    from dsocr.runtime.scheduler import Scheduler
+    scheduler = Scheduler(lm, tokenizer, parallel=1)
+    seq = scheduler.submit((prompt_embeds, prompt_ids), params,
+                           result if result is not None else GenerationResult(), cancelled=cancelled)
+    yield from scheduler.stream(seq)

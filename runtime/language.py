@@ -23,6 +23,19 @@ from dsocr.runtime.tap import Callback, Tap, callback
 from dsocr.runtime.tensor_specs import lm_params_problem, lm_shapes, read_key
 
 ARCH = "deepseek2-ocr"
+# up to this many tokens in a forward (a batch's decode step), each token's routed experts are its own
+# products (the backend's GEMV, row by row: a token's result does not depend on its neighbours);
+# beyond it (prefill) the rows are grouped by expert for the GEMM
+PER_TOKEN_EXPERTS_MAX_ROWS = 16
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One sequence's rows in a forward: rows row0..row0+m-1 of x are its positions pos0.. in `cache`."""
+    row0: int
+    m: int
+    pos0: int
+    cache: list
 
 
 @dataclass
@@ -104,17 +117,26 @@ class LanguageModel:
 
     def forward(self, x, pos0: int, cache, logits_rows=None, tap: Tap | None = None):
         """x [m, H] embeddings of positions pos0..pos0+m-1 -> logits [r, V] for `logits_rows`
-        (default: the last row). `tap` is handed the named intermediates (runtime.tap lists them)."""
+        (default: the last row; "all": every row). `tap` is handed the named intermediates (runtime.tap
+        lists them)."""
+        m = x.shape[0]
+        rows = np.array([m - 1]) if logits_rows is None else np.arange(m) if isinstance(logits_rows, str) \
+            else np.asarray(logits_rows)
+        return self.forward_batch(x, [Segment(0, m, pos0, cache)], rows, tap)
+
+    def forward_batch(self, x, segments: list[Segment], logits_rows=None, tap: Tap | None = None):
+        """Several sequences in one forward: x [sum m, H] holds each segment's rows; attention is per
+        segment over its own cache, every weight product runs over all rows at once. -> logits for
+        `logits_rows` (default: each segment's last row), [r, V]."""
         be, p = self.be, self.p
         cb = callback(tap, be)
         m = x.shape[0]
-        positions = np.arange(pos0, pos0 + m)
         h = be.empty((m, p.n_embd))
         cb(x, "inp_embd")
         for i, layer in enumerate(self.layers):
             be.rmsnorm(x, layer.attn_norm, p.eps, h)
             cb(h, "attn_norm", i)
-            be.add(x, self.attention(h, layer, cache[i], pos0, positions, cb, i))
+            be.add(x, self.attention(h, layer, segments, cb, i))
             cb(x, "ffn_inp", i)
             be.rmsnorm(x, layer.ffn_norm, p.eps, h)
             cb(h, "ffn_norm", i)
@@ -123,8 +145,7 @@ class LanguageModel:
             cb(ffn, "ffn_out", i)
             be.add(x, ffn)
             cb(x, "l_out", i)
-        rows = np.array([m - 1]) if logits_rows is None else np.arange(m) if isinstance(logits_rows, str) \
-            else np.asarray(logits_rows)
+        rows = np.array([s.row0 + s.m - 1 for s in segments]) if logits_rows is None else logits_rows
         out = be.empty((len(rows), p.n_embd))
         be.rmsnorm(x if len(rows) == m and rows[0] == 0 else be.take_rows(x, rows), self.output_norm, p.eps, out)
         cb(out, "result_norm")
@@ -132,19 +153,23 @@ class LanguageModel:
         cb(logits, "result_output")
         return logits
 
-    def attention(self, h, layer: Layer, kv, pos0: int, positions: np.ndarray, cb: Callback, il: int):
-        # h [m, H] -> [m, H]; writes this chunk's k, v into the cache at pos0
+    def attention(self, h, layer: Layer, segments: list[Segment], cb: Callback, il: int):
+        # h [m, H] -> [m, H]; each segment's k, v go into its cache at its pos0, its queries attend there
         be, p = self.be, self.p
         q, k, v = be.matmul_many(h, (layer.wq, layer.wk, layer.wv))
-        be.rope(q, p.n_head, positions, p.rope_theta)
-        be.rope(k, p.n_head, positions, p.rope_theta)
+        a = be.empty(q.shape)
+        for s in segments:
+            qs, ks, vs = (be.rows(t, s.row0, s.row0 + s.m) for t in (q, k, v))
+            positions = np.arange(s.pos0, s.pos0 + s.m)
+            be.rope(qs, p.n_head, positions, p.rope_theta)
+            be.rope(ks, p.n_head, positions, p.rope_theta)
+            kc, vc = s.cache[il]
+            be.cache_store(ks, kc, s.pos0)
+            be.cache_store(vs, vc, s.pos0)
+            be.attention_causal(qs, kc, vc, s.pos0, p.n_head, be.rows(a, s.row0, s.row0 + s.m))
         cb(q, "Qcur", il)
         cb(k, "Kcur", il)
         cb(v, "Vcur", il)
-        be.cache_store(k, kv[0], pos0)
-        be.cache_store(v, kv[1], pos0)
-        a = be.empty(q.shape)
-        be.attention_causal(q, kv[0], kv[1], pos0, p.n_head, a)
         cb(a, "kqv_out", il)
         out = be.matmul(a, layer.wo)
         cb(out, "attn_out", il)
@@ -170,16 +195,16 @@ class LanguageModel:
         cb(w, "ffn_moe_weights", il)
         out = self.mlp(g, u, layer.down_sh)
         cb(out, "ffn_shexp", il)
-        if m == 1:
-            return self._experts_one_token(h, layer, idx, w, out)
+        if m <= PER_TOKEN_EXPERTS_MAX_ROWS:
+            return self._experts_per_token(h, layer, idx, w, out)
         return self._experts_grouped(h, layer, be.to_host(idx), be.to_host(w), out)
 
-    def _experts_one_token(self, h, layer: Layer, idx, w, out):
-        # decode: the k experts of one token, gate and up in one launch, down in one (ids stay on the backend)
-        be, k = self.be, self.p.n_expert_used
-        g, u = be.matmul_many(h, (layer.gate_exps, layer.up_exps), idx[0])
+    def _experts_per_token(self, h, layer: Layer, idx, w, out):
+        # decode: each token's k experts, gate and up in one launch, down in one (ids stay on the backend)
+        be = self.be
+        g, u = be.matmul_many(h, (layer.gate_exps, layer.up_exps), idx)
         be.silu_mul(g, u, g)
-        y = be.matmul_experts(g, layer.down_exps, idx[0], be.empty((k, self.p.n_embd)))
+        y = be.matmul_experts(g, layer.down_exps, idx, be.empty((g.shape[0], self.p.n_embd)))
         be.weighted_sum_into(out, y, w)
         return out
 

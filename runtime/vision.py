@@ -74,6 +74,15 @@ class VisionParams:
 
 # ---------------------------------------------------------------- table resizing (host, cached)
 
+def run_steps(steps):
+    """Runs a generator of steps to its end and returns its value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
 def _aa_bicubic_weights(n_in: int, n_out: int) -> np.ndarray:
     """PyTorch's antialiased bicubic (F.interpolate(..., antialias=True), align_corners=False) as an
     [n_out, n_in] matrix: Keys cubic a=-0.5, support widened by the scale when downsampling."""
@@ -206,8 +215,10 @@ class VisionModel:
         return relative_table(b.rel_h, size), relative_table(b.rel_w, size)
 
     # ---- SAM
-    def sam(self, pixels: np.ndarray, cb: Callback) -> np.ndarray:
-        """[3, S, S] -> [(S/64)^2, C_out] features, rows in (y, x) order."""
+    def sam(self, pixels: np.ndarray, cb: Callback):
+        """[3, S, S] -> [(S/64)^2, C_out] features, rows in (y, x) order. A generator (as clip): it
+        yields after each block, so a scheduler can run other work between blocks, and returns the
+        features."""
         be, p = self.be, self.p
         S = pixels.shape[-1]
         k = self.patch_k
@@ -239,6 +250,7 @@ class VisionModel:
             be.add_bias(m2, blk.fc2_b)
             be.add(x, m2)
             cb(x, "sam.l_out", i)
+            yield
         # neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d (no biases, no activation), then /2, /2
         y = be.matmul(x, self.neck0)                                          # [g*g, C_neck]
         be.layernorm(y, self.neck1[0], self.neck1[1], p.sam_eps, y)
@@ -266,8 +278,8 @@ class VisionModel:
         return out.reshape(B, n, c)
 
     # ---- CLIP
-    def clip(self, feats: np.ndarray, cb: Callback) -> np.ndarray:
-        """[g*g, C_clip] SAM features as patches -> [1 + g*g, C_clip]."""
+    def clip(self, feats: np.ndarray, cb: Callback):
+        """[g*g, C_clip] SAM features as patches -> [1 + g*g, C_clip]; yields after each block."""
         be, p = self.be, self.p
         g = int(math.isqrt(feats.shape[0]))
         x = be.concat_rows(self.device_table("class", 0), feats)
@@ -293,16 +305,21 @@ class VisionModel:
             be.add_bias(m2, blk.fc2_b)
             be.add(x, m2)
             cb(x, "clip.l_out", i)
+            yield
         cb(x, "clip.out")
         return x
 
     def encode_view(self, pixels: np.ndarray, tap: Tap | None = None) -> np.ndarray:
         """One view -> projected features [g*g, H] (grid rows). `tap` is handed the named
         intermediates (runtime.tap lists them)."""
+        return run_steps(self.encode_view_steps(pixels, tap))
+
+    def encode_view_steps(self, pixels: np.ndarray, tap: Tap | None = None):
+        """encode_view as a generator that yields after each SAM and CLIP block."""
         be = self.be
         cb = callback(tap, be)
-        sam = self.sam(pixels, cb)
-        clip = self.clip(sam, cb)
+        sam = yield from self.sam(pixels, cb)
+        clip = yield from self.clip(sam, cb)
         feats = be.concat_cols(be.take_rows(clip, np.arange(1, clip.shape[0])), sam)
         out = be.matmul(feats, self.proj_w)
         be.add_bias(out, self.proj_b)
@@ -312,18 +329,22 @@ class VisionModel:
     def image_embeddings(self, img: PreparedImage, tap: Tap | None = None, progress=None) -> np.ndarray:
         """The rows an image's <image> tokens take: tiles grid + newlines, global grid + newlines,
         separator. `tap` sees each view's intermediates, the tiles' first."""
+        return run_steps(self.image_embedding_steps(img, tap, progress))
+
+    def image_embedding_steps(self, img: PreparedImage, tap: Tap | None = None, progress=None):
+        """image_embeddings as a generator that yields after each vision block."""
         rows = []
         if img.tiles:
             feats = []
             for i, t in enumerate(img.tiles):
-                feats.append(self.encode_view(t, tap))
+                feats.append((yield from self.encode_view_steps(t, tap)))
                 if progress:
                     progress(i + 1, len(img.tiles) + 1)
             q = int(math.isqrt(feats[0].shape[0]))
             w, h = img.grid
             grid = np.stack(feats).reshape(h, w, q, q, -1).transpose(0, 2, 1, 3, 4).reshape(h * q, w * q, -1)
             rows.append(self._with_newlines(grid))
-        glob = self.encode_view(img.global_view, tap)
+        glob = yield from self.encode_view_steps(img.global_view, tap)
         if progress:
             progress(len(img.tiles) + 1, len(img.tiles) + 1)
         q = int(math.isqrt(glob.shape[0]))

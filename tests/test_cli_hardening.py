@@ -43,8 +43,10 @@ def vision_must_not_run(*args, **kwargs):
 @pytest.fixture
 def rows_without_vision(engine, monkeypatch):
     """The vision tower replaced by zero rows of the right count, so prepare() builds its ids quickly."""
-    monkeypatch.setattr(engine.vision, "image_embeddings",
-                        lambda p, progress=None: np.zeros((p.n_tokens, engine.lm.p.n_embd), np.float32))
+    def zero_rows(p, progress=None):
+        yield from ()
+        return np.zeros((p.n_tokens, engine.lm.p.n_embd), np.float32)
+    monkeypatch.setattr(engine.vision, "image_embedding_steps", zero_rows)
 
 
 @pytest.fixture
@@ -75,7 +77,7 @@ def test_context_count_is_the_length_of_the_ids_prepare_builds(engine, rows_with
 def test_ninety_images_over_the_context_are_refused_before_vision(engine, monkeypatch):
     """90 images in "small" mode (111 tokens each) make a ~10,000-token prompt: refused at once, the
     encoder never runs."""
-    monkeypatch.setattr(engine.vision, "image_embeddings", vision_must_not_run)
+    monkeypatch.setattr(engine.vision, "image_embedding_steps", vision_must_not_run)
     images = [Image.new("RGB", (64, 64), "white")] * 90
     n = 1 + 90 * 111 + len(engine.tokenizer.encode("Free OCR."))
     t = time.perf_counter()
@@ -92,13 +94,13 @@ def test_the_prompt_and_one_new_token_must_fit(engine, monkeypatch):
     result = engine.run(req)
     assert len(result.token_ids) == 1 and result.finish_reason == "length" and result.prompt_tokens == n
     monkeypatch.setattr(engine.lm.p, "n_ctx_train", n)
-    monkeypatch.setattr(engine.vision, "image_embeddings", vision_must_not_run)
+    monkeypatch.setattr(engine.vision, "image_embedding_steps", vision_must_not_run)
     with pytest.raises(InputError, match=f"^the prompt is {n} tokens; the model's context is {n} "):
         engine.run(req)
 
 
 def test_cli_prompt_file_over_the_context(converted, cli, tmp_path, monkeypatch):
-    monkeypatch.setattr(VisionModel, "image_embeddings", vision_must_not_run)
+    monkeypatch.setattr(VisionModel, "image_embedding_steps", vision_must_not_run)
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("<image>\n" + "lorem ipsum dolor sit amet " * 4000)
     lm, mm = converted("f32", "f32")
@@ -156,7 +158,7 @@ def test_out_of_range_values_from_config_and_environment_name_their_source(cli, 
 
 def test_sampling_ranges_are_checked_on_the_library_path(engine, monkeypatch):
     """What the server's request path reaches: prepare() refuses bad values by field name, before vision."""
-    monkeypatch.setattr(engine.vision, "image_embeddings", vision_must_not_run)
+    monkeypatch.setattr(engine.vision, "image_embedding_steps", vision_must_not_run)
     for field, value in [("temperature", math.nan), ("top_p", 2.0), ("max_new_tokens", 0), ("seed", -1),
                          ("ngram_mode", "sometimes")]:
         req = OcrRequest([read_note()], "Free OCR.", ViewConfig.from_mode("tiny"), SamplingParams(**{field: value}))

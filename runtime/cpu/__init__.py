@@ -114,12 +114,14 @@ class CPUBackend:
 
     def matmul_many(self, x: np.ndarray, ws, experts: np.ndarray | None = None) -> list[np.ndarray]:
         """[x @ w^T for w in ws]; a few rows in one launch (the activation quantized once). With `experts`
-        (one token's routed expert ids) each w is a routed-experts weight: row i of its product is
-        x[0] @ w[experts[i]]^T."""
+        (each token's routed expert ids, [m, k]) each w is a routed-experts weight: row t*k + s of its
+        product is x[t] @ w[experts[t, s]]^T."""
         codes = [w.code for w in ws]
         if experts is not None:
-            outs = [np.empty((len(experts), w.shape[1]), np.float32) for w in ws]
-            mm.run_products(codes, [w.raw for w in ws], (x,), outs, mm.expert_products(len(ws), experts, True))
+            experts = np.asarray(experts, np.int64).reshape(x.shape[0], -1)
+            tokens = np.repeat(np.arange(x.shape[0]), experts.shape[1])
+            outs = [np.empty((experts.size, w.shape[1]), np.float32) for w in ws]
+            mm.run_products(codes, [w.raw for w in ws], (x,), outs, mm.expert_products(len(ws), experts, tokens))
             return outs
         m = x.shape[0]
         if m > gemv_rows(ws):
@@ -129,7 +131,7 @@ class CPUBackend:
         return outs
 
     def matmul_experts(self, x: np.ndarray, w: Tensor, experts: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """out[i] = x[i] @ w[experts[i]]^T for a few rows (one token's routed experts)."""
+        """out[i] = x[i] @ w[experts.flat[i]]^T for a few rows (a decode step's routed experts)."""
         mm.gemv_experts(w.code, w.raw, experts, x, out)
         return out
 
@@ -155,8 +157,8 @@ class CPUBackend:
     def take_rows(self, x: np.ndarray, rows) -> np.ndarray:
         return np.ascontiguousarray(x[np.asarray(rows)])
 
-    def repeat_rows(self, x: np.ndarray, k: int) -> np.ndarray:
-        return np.repeat(x, k, axis=0)
+    def rows(self, x: np.ndarray, start: int, stop: int) -> np.ndarray:
+        return x[start:stop]
 
     def concat_rows(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.concatenate([a, b], axis=0)

@@ -412,14 +412,19 @@ def products_of(n_weights: int, rows: int) -> np.ndarray:
     return p
 
 
-def expert_products(n_weights: int, experts: np.ndarray, shared_input: bool) -> np.ndarray:
+def expert_products(n_weights: int, experts: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     """The products table of routed experts: row i of output j = weight j's expert experts[i] times
-    input row i (or row 0 of a shared input)."""
-    k = len(experts)
-    p = products_of(n_weights, k).copy()
-    p[:, 1] = np.tile(experts, n_weights)
-    if shared_input:
-        p[:, 3] = 0
+    input row tokens[i]. Within a weight the products are ordered by expert, so the tokens that share
+    an expert run back to back and its weights come from memory once, then from the cache."""
+    experts, tokens = np.asarray(experts, np.int64).reshape(-1), np.asarray(tokens, np.int64)
+    order = np.argsort(experts, kind="stable")
+    n = len(experts)
+    p = np.empty((n_weights * n, 6), np.int64)
+    p[:, 0] = p[:, 4] = np.repeat(np.arange(n_weights), n)
+    p[:, 1] = np.tile(experts[order], n_weights)
+    p[:, 2] = 0
+    p[:, 3] = np.tile(tokens[order], n_weights)
+    p[:, 5] = np.tile(order, n_weights)
     p.flags.writeable = False     # as products_of's: one array type for gemv_products
     return p
 
@@ -431,8 +436,8 @@ def gemv(code: int, W: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def gemv_experts(code: int, W3: np.ndarray, experts: np.ndarray, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
-    """Y[i] = W3[experts[i]] . X[i]  for the routed experts of one token."""
-    run_products((code,), (W3,), (X,), (Y,), expert_products(1, np.asarray(experts, np.int64), False))
+    """Y[i] = W3[experts[i]] . X[i]  (experts in row-major order when 2-D: a batch's tokens' routed experts)."""
+    run_products((code,), (W3,), (X,), (Y,), expert_products(1, experts, np.arange(np.size(experts))))
     return Y
 
 

@@ -96,12 +96,13 @@ class CUDABackend:
     def matmul_many(self, x, ws, experts=None):
         if experts is None:
             return [self.matmul(x, w) for w in ws]
-        k = len(experts)
-        xk = self.repeat_rows(x, k)
-        return [self.matmul_experts(xk, w, experts, self.empty((k, w.shape[1]))) for w in ws]
+        m, k = x.shape[0], experts.size // x.shape[0]
+        xk = self.take_rows(x, np.repeat(np.arange(m), k))
+        return [self.matmul_experts(xk, w, experts, self.empty((m * k, w.shape[1]))) for w in ws]
 
     def matmul_experts(self, x, w: DeviceTensor, experts, out):
-        self.mm.gemv_experts[(w.shape[1], x.shape[0]), self.tpb](w.raw, w.code, self._ints(experts), x, out)
+        ids = self._ints(experts).reshape(experts.size)
+        self.mm.gemv_experts[(w.shape[1], x.shape[0]), self.tpb](w.raw, w.code, ids, x, out)
         return out
 
     def expert_matmul(self, x, w: DeviceTensor, starts, out=None):
@@ -123,10 +124,8 @@ class CUDABackend:
         self.ops.copy_rows[len(rows), self.tpb](x, self._ints(rows), out, 0)
         return out
 
-    def repeat_rows(self, x, k: int):
-        out = self.empty((k, x.shape[1]))
-        self.ops.repeat_row[k, self.tpb](x, out)
-        return out
+    def rows(self, x, start: int, stop: int):
+        return x[start:stop]
 
     def concat_rows(self, a, b):
         out = self.empty((a.shape[0] + b.shape[0], a.shape[1]))

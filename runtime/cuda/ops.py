@@ -154,14 +154,6 @@ def copy_range(src, dst, dst_row0):
 
 
 @cuda.jit
-def repeat_row(src, dst):
-    # dst[i] = src[0]
-    i = cuda.blockIdx.x
-    for j in range(cuda.threadIdx.x, dst.shape[1], cuda.blockDim.x):
-        dst[i, j] = src[0, j]
-
-
-@cuda.jit
 def copy_cols(src, dst, col0):
     i = cuda.blockIdx.x
     for j in range(cuda.threadIdx.x, src.shape[1], cuda.blockDim.x):

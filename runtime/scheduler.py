@@ -1,0 +1,189 @@
+"""Continuous batching: the sequences of many requests share each forward of the language model.
+
+A sequence holds a slot (its own KV cache, sampler and budget) from admission to its end; at most
+`parallel` sequences do, the rest wait in order. One step of the scheduler:
+  1. ends the sequences whose client went away (a slot is free at once);
+  2. gives free slots to waiting sequences, oldest first;
+  3. does one unit of admission work for the oldest admitted sequence still reading its prompt: one
+     step of its prompt (the engine's prompt yields between vision blocks, a SAM or CLIP layer of
+     one view), or one prefill chunk of `prefill_chunk` tokens; the chunk that ends the prompt
+     samples the sequence's first token;
+  4. runs one decode step: one forward over the newest token of every decoding sequence (weight
+     products over all their rows, attention per sequence over its own cache), then each samples.
+So a decoding stream waits at most one admission unit between two tokens (bench/server_load.py
+measures the worst gap). A sequence's prefill chunks depend only on itself, and a decode step
+computes each row on its own (the backend's GEMV row by row, routed experts per token) up to the
+backend's GEMV row count, so greedy ids do not depend on what else ran (tests/test_batching.py).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Callable, Iterator
+
+import numpy as np
+
+from dsocr.runtime.generate import Decoder, GenerationResult, SamplingParams
+from dsocr.runtime.language import LanguageModel, Segment
+
+DEFAULT_PARALLEL = 4     # sequences decoding together (each KV cache is committed only as it fills)
+PREFILL_CHUNK = 256      # prompt tokens per prefill forward: ~1 s on two cores, the longest pause a stream sees
+
+WAITING, ADMITTING, DECODING, DONE = "waiting", "admitting", "decoding", "done"
+
+
+class Sequence:
+    """One request's sequence. `prompt` is (embeddings, ids), or a generator that yields between units
+    of work and returns them. Text deltas go to `on_delta`, or wait in `unread` for Scheduler.stream."""
+
+    def __init__(self, prompt, params: SamplingParams, result: GenerationResult,
+                 on_delta: Callable[[str], None] | None, on_done: Callable[[Sequence], None] | None,
+                 cancelled: Callable[[], bool]):
+        self.prompt, self.params, self.result = prompt, params, result
+        self.on_delta, self.on_done, self.cancelled = on_delta, on_done, cancelled
+        self.state = WAITING
+        self.unread: deque[str] = deque()
+        self.error: BaseException | None = None
+        self.embeds = self.ids = self.cache = self.decoder = None
+        self.pos = 0                     # prompt rows in the cache, then the position of `next`
+        self.next: int | None = None     # the sampled token the next decode step feeds
+        self.prefill_s = 0.0
+        self.decode_t0 = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.state == DONE
+
+
+class Scheduler:
+    def __init__(self, lm: LanguageModel, tokenizer, parallel: int = DEFAULT_PARALLEL,
+                 prefill_chunk: int = PREFILL_CHUNK):
+        if parallel < 1 or prefill_chunk < 1:
+            raise ValueError("parallel and prefill_chunk must be at least 1")
+        self.lm, self.tokenizer, self.be = lm, tokenizer, lm.be
+        self.parallel, self.prefill_chunk = parallel, prefill_chunk
+        self.queue: deque[Sequence] = deque()
+        self.slots: list[Sequence] = []
+
+    def submit(self, prompt, params: SamplingParams, result: GenerationResult, on_delta=None, on_done=None,
+               cancelled: Callable[[], bool] = lambda: False) -> Sequence:
+        seq = Sequence(prompt, params, result, on_delta, on_done, cancelled)
+        self.queue.append(seq)
+        return seq
+
+    @property
+    def running(self) -> int:
+        return len(self.slots)
+
+    @property
+    def idle(self) -> bool:
+        return not self.slots and not self.queue
+
+    def stream(self, seq: Sequence) -> Iterator[str]:
+        """Steps the scheduler until `seq` ends, yielding its text as it comes (other sequences run too)."""
+        while True:
+            while seq.unread:
+                yield seq.unread.popleft()
+            if seq.finished:
+                if seq.error is not None:
+                    raise seq.error
+                return
+            self.step()
+
+    def step(self) -> None:
+        for seq in [s for s in (*self.slots, *self.queue) if s.cancelled()]:
+            self._end(seq, "cancelled")
+        while self.queue and len(self.slots) < self.parallel:
+            seq = self.queue.popleft()
+            seq.state = ADMITTING
+            self.slots.append(seq)
+        admitting = next((s for s in self.slots if s.state == ADMITTING), None)
+        if admitting is not None:
+            self._guarded([admitting], self._admission_unit, admitting)
+        decoding = [s for s in self.slots if s.state == DECODING]
+        if decoding:
+            self._guarded(decoding, self._decode_step, decoding)
+
+    def _guarded(self, seqs: list[Sequence], work, *args) -> None:
+        # a failure ends the sequences it touched (their clients get the error), not the scheduler
+        try:
+            work(*args)
+        except Exception as e:
+            for seq in seqs:
+                if not seq.finished:
+                    seq.error = e
+                    self._end(seq, "error")
+
+    def _admission_unit(self, seq: Sequence) -> None:
+        if seq.ids is None:
+            if isinstance(seq.prompt, tuple):
+                seq.embeds, seq.ids = seq.prompt
+            else:
+                try:
+                    next(seq.prompt)
+                    return
+                except StopIteration as done:
+                    seq.embeds, seq.ids = done.value
+            seq.prompt = None
+            seq.decoder = Decoder(seq.params, self.tokenizer, seq.ids, self.lm.p.n_ctx_train, seq.result)
+            if seq.decoder.budget == 0:
+                self._end(seq, "length")
+                return
+            seq.cache = self.lm.new_cache(seq.decoder.n_ctx)
+        a = seq.pos
+        b = min(len(seq.ids), a + self.prefill_chunk)
+        t0 = time.perf_counter()
+        logits = self.lm.forward(self.be.rows(seq.embeds, a, b), a, seq.cache)
+        last = self.be.to_host(logits)[-1] if b == len(seq.ids) else None
+        seq.prefill_s += time.perf_counter() - t0
+        seq.pos = b
+        if last is not None:
+            seq.embeds = None
+            seq.state = DECODING
+            seq.decode_t0 = time.perf_counter()
+            self._sample(seq, last)
+
+    def _decode_step(self, seqs: list[Sequence]) -> None:
+        x = self.lm.embed([s.next for s in seqs])
+        logits = self.be.to_host(self.lm.forward_batch(x, [Segment(i, 1, s.pos, s.cache) for i, s in enumerate(seqs)]))
+        for seq, row in zip(seqs, logits):
+            seq.pos += 1
+            self._sample(seq, row)
+
+    def _sample(self, seq: Sequence, logits: np.ndarray) -> None:
+        tok, delta = seq.decoder.next_token(logits)
+        self._emit(seq, delta)
+        if tok is None:
+            self._end(seq)
+        else:
+            seq.next = tok
+
+    def _emit(self, seq: Sequence, delta: str) -> None:
+        if not delta:
+            return
+        if seq.on_delta is not None:
+            seq.on_delta(delta)
+        else:
+            seq.unread.append(delta)
+
+    def _end(self, seq: Sequence, reason: str | None = None) -> None:
+        """Frees the sequence's slot; `reason` (cancelled, error, length before decoding) overrides the
+        decoder's own."""
+        if seq in self.slots:
+            self.slots.remove(seq)
+        elif seq in self.queue:
+            self.queue.remove(seq)
+        if reason is not None:
+            self._emit(seq, seq.decoder.end(reason) if seq.decoder else "")
+            seq.result.finish_reason = reason
+        if seq.decoder is not None:
+            n, prefill = len(seq.result.token_ids), max(seq.prefill_s, 1e-9)
+            decode = time.perf_counter() - seq.decode_t0 if seq.decode_t0 else 0.0
+            seq.result.timings.update(prefill_s=seq.prefill_s, decode_s=decode, prefill_tok_s=len(seq.ids) / prefill,
+                                      decode_tok_s=max(n - 1, 0) / max(decode, 1e-9))
+        if isinstance(seq.prompt, Iterator):
+            seq.prompt.close()           # a prompt still encoding its views lets them go
+        seq.prompt = seq.embeds = seq.cache = None
+        seq.state = DONE
+        if seq.on_done is not None:
+            seq.on_done(seq)
