@@ -4,14 +4,15 @@ A sequence holds a slot (its own KV cache, sampler and budget) from admission to
 `parallel` sequences do, the rest wait in order. One step of the scheduler:
   1. ends the sequences whose client went away (a slot is free at once);
   2. gives free slots to waiting sequences, oldest first;
-  3. does one unit of admission work for the oldest admitted sequence still reading its prompt: one
-     step of its prompt (the engine's prompt yields between vision blocks, a SAM or CLIP layer of
-     one view), or one prefill chunk of `prefill_chunk` tokens; the chunk that ends the prompt
-     samples the sequence's first token;
+  3. admits: units of admission work for the oldest admitted sequences still reading their prompts,
+     for as long as the last decode step took (at least one unit). A unit is one step of a prompt
+     (the engine's prompt yields between vision blocks: a SAM or CLIP layer of one view) or one
+     prefill chunk of `prefill_chunk` tokens; the chunk that ends a prompt samples its first token;
   4. runs one decode step: one forward over the newest token of every decoding sequence (weight
      products over all their rows, attention per sequence over its own cache), then each samples.
-So a decoding stream waits at most one admission unit between two tokens (bench/server_load.py
-measures the worst gap). A sequence's prefill chunks depend only on itself, and a decode step
+Admission and decoding thus share the time half and half while both have work, and a decoding
+stream waits at most a decode step plus one unit longer than its own step between two tokens
+(bench/server_load.py measures the worst gap). A sequence's prefill chunks depend only on itself, and a decode step
 computes each row on its own (the backend's GEMV row by row, routed experts per token) up to the
 backend's GEMV row count, so greedy ids do not depend on what else ran (tests/test_batching.py).
 """
@@ -64,6 +65,7 @@ class Scheduler:
         self.parallel, self.prefill_chunk = parallel, prefill_chunk
         self.queue: deque[Sequence] = deque()
         self.slots: list[Sequence] = []
+        self.decode_step_s = 0.0         # the last decode step's time: admission's share of the next step
 
     def submit(self, prompt, params: SamplingParams, result: GenerationResult, on_delta=None, on_done=None,
                cancelled: Callable[[], bool] = lambda: False) -> Sequence:
@@ -97,12 +99,17 @@ class Scheduler:
             seq = self.queue.popleft()
             seq.state = ADMITTING
             self.slots.append(seq)
-        admitting = next((s for s in self.slots if s.state == ADMITTING), None)
-        if admitting is not None:
+        t_end = time.perf_counter() + self.decode_step_s
+        while (admitting := next((s for s in self.slots if s.state == ADMITTING), None)) is not None:
             self._guarded([admitting], self._admission_unit, admitting)
+            if time.perf_counter() >= t_end:
+                break
         decoding = [s for s in self.slots if s.state == DECODING]
+        self.decode_step_s = 0.0
         if decoding:
+            t0 = time.perf_counter()
             self._guarded(decoding, self._decode_step, decoding)
+            self.decode_step_s = time.perf_counter() - t0
 
     def _guarded(self, seqs: list[Sequence], work, *args) -> None:
         # a failure ends the sequences it touched (their clients get the error), not the scheduler
