@@ -1,8 +1,16 @@
-"""Server under load: N concurrent streaming clients for T seconds against `dsocr serve` with the
-tiny model (started here, on loopback). Every request must complete with [DONE]; prints
-completed/lost counts, p50/p95 latency, time to first token and throughput.
+"""Server under load: `dsocr serve` started here on loopback, N concurrent streaming clients.
 
-    python bench/server_load.py [--clients 8] [--seconds 30] [--max-tokens 32] [--json]
+For each --parallel N the server runs with N slots and N clients each send --requests requests
+one after another (a page, streamed, with usage). Printed per N: completed / lost (a 200 stream
+without [DONE]) / rejected (503) / failed requests, requests/s, p50/p95 latency and time to
+first token, the worst gap between two tokens of one stream, and decode throughput two ways:
+"all-N" is the tokens per second of every stream together while all N were decoding (the
+continuous-batching figure), "overall" is completion tokens over the whole run. The last column
+is all-N over N = 1's (the speed-up of batching). /health must answer ok after each run.
+
+    python bench/server_load.py                                    # the tiny fixture model
+    python bench/server_load.py --model models/bench/random-DeepSeek-OCR-Q8_0.gguf \\
+        --mmproj models/bench/mmproj-random-DeepSeek-OCR-F16.gguf --parallel 1,2,4,8 --max-tokens 400
 """
 import os
 
@@ -13,7 +21,6 @@ import asyncio  # noqa: E402
 import base64  # noqa: E402
 import json  # noqa: E402
 import socket  # noqa: E402
-import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -26,50 +33,56 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "fixtures" / "tiny-dsocr"
 
 
-def start(tmp: Path, max_queue: int) -> tuple[subprocess.Popen, str]:
+def tiny_pair(tmp: Path) -> tuple[Path, Path]:
     from dsocr.convert import convert_checkpoint
     lm, mm = (f.path for f in convert_checkpoint(TINY, tmp, "q8_0", "f16", progress=False))
+    return lm, mm
+
+
+def start(tmp: Path, lm: Path, mm: Path, parallel: int, max_queue: int) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    log = open(tmp / f"server-{parallel}.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "dsocr.cli.main", "serve", "--model", str(lm), "--mmproj", str(mm),
-                             "--port", str(port), "--model-id", "tiny", "--max-queue", str(max_queue)],
-                            stdout=subprocess.DEVNULL, stderr=open(tmp / "server.log", "w"),
+                             "--port", str(port), "--model-id", "bench", "--max-queue", str(max_queue),
+                             "--parallel", str(parallel)],
+                            stdout=subprocess.DEVNULL, stderr=log,
                             env={**os.environ, "DSOCR_CONFIG": str(tmp / "config.toml")})
     base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             if httpx.get(base + "/health", timeout=1).status_code == 200:
                 return proc, base
         except httpx.HTTPError:
-            time.sleep(0.2)
-    raise SystemExit("server did not start: " + (tmp / "server.log").read_text()[-2000:])
+            time.sleep(0.3)
+    raise SystemExit("server did not start: " + (tmp / f"server-{parallel}.log").read_text()[-2000:])
 
 
-async def client_loop(base: str, body: dict, until: float, out: list) -> None:
-    async with httpx.AsyncClient(timeout=600) as http:
-        while time.perf_counter() < until:
+async def client(base: str, body: dict, requests: int, out: list) -> None:
+    async with httpx.AsyncClient(timeout=3600) as http:
+        for _ in range(requests):
             t0 = time.perf_counter()
-            ttft, tokens, done, status = None, 0, False, 0
+            rec = {"status": 0, "done": False, "times": [], "tokens": 0}
             try:
                 async with http.stream("POST", base + "/v1/chat/completions", json=body) as r:
-                    status = r.status_code
+                    rec["status"] = r.status_code
                     async for line in r.aiter_lines():
                         if not line.startswith("data: "):
                             continue
                         if line == "data: [DONE]":
-                            done = True
+                            rec["done"] = True
                             break
                         chunk = json.loads(line[6:])
-                        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                            ttft = ttft or time.perf_counter() - t0
-                            tokens += 1
+                        if chunk.get("usage"):
+                            rec["tokens"] = chunk["usage"]["completion_tokens"]
+                        elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                            rec["times"].append(time.perf_counter())
             except httpx.HTTPError:
                 pass
-            out.append({"status": status, "done": done, "latency": time.perf_counter() - t0, "ttft": ttft,
-                        "chunks": tokens})
-            if status == 503:
-                await asyncio.sleep(0.5)
+            rec["t0"], rec["t1"] = t0, time.perf_counter()
+            out.append(rec)
 
 
 def pct(xs, q):
@@ -77,46 +90,93 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
 
 
+def all_decoding_rate(recs: list[dict], n: int) -> float:
+    """Token chunks per second of all streams together while n streams were decoding at once."""
+    spans = sorted((r["times"][0], r["times"][-1]) for r in recs if len(r["times"]) > 1)
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    windows, live, since = [], 0, None
+    for t, d in events:
+        live += d
+        if live >= n and since is None:
+            since = t
+        elif live < n and since is not None:
+            windows.append((since, t))
+            since = None
+    total = sum(b - a for a, b in windows)
+    tokens = sum(sum(1 for t in r["times"] if a < t <= b) for r in recs for a, b in windows)
+    return tokens / total if total > 0 else float("nan")
+
+
+def run_level(tmp: Path, lm: Path, mm: Path, n: int, body: dict, requests: int) -> dict:
+    proc, base = start(tmp, lm, mm, n, max_queue=n)
+    try:
+        out: list = []
+        t0 = time.perf_counter()
+
+        async def run_all():
+            await asyncio.gather(*[client(base, body, requests, out) for _ in range(n)])
+        asyncio.run(run_all())
+        wall = time.perf_counter() - t0
+        health = httpx.get(base + "/health", timeout=10).json()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    ok = [r for r in out if r["status"] == 200 and r["done"]]
+    gaps = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
+    return {"parallel": n, "requests": len(out), "completed": len(ok),
+            "lost": sum(r["status"] == 200 and not r["done"] for r in out),
+            "rejected": sum(r["status"] == 503 for r in out),
+            "failed": sum(r["status"] not in (200, 503) for r in out),
+            "requests_per_s": len(ok) / wall,
+            "p50_latency_s": pct([r["t1"] - r["t0"] for r in ok], 0.5),
+            "p95_latency_s": pct([r["t1"] - r["t0"] for r in ok], 0.95),
+            "p50_ttft_s": pct([r["times"][0] - r["t0"] for r in ok if r["times"]], 0.5),
+            "p95_ttft_s": pct([r["times"][0] - r["t0"] for r in ok if r["times"]], 0.95),
+            "worst_gap_s": max(gaps, default=float("nan")), "p99_gap_s": pct(gaps, 0.99),
+            "decode_all_n_tok_s": all_decoding_rate(ok, n),
+            "decode_overall_tok_s": sum(r["tokens"] for r in ok) / wall,
+            "mean_tokens": sum(r["tokens"] for r in ok) / max(len(ok), 1), "health_after": health["status"]}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=30)
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--model", help="language-model GGUF (default: the tiny fixture, converted here)")
+    ap.add_argument("--mmproj", help="its mmproj (default: beside the model)")
+    ap.add_argument("--parallel", default="1,2,4,8", help="slot counts to run, each with as many clients")
+    ap.add_argument("--requests", type=int, default=1, help="requests per client, one after another")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--mode", default="tiny", help="the requests' vision mode")
+    ap.add_argument("--image", default=str(TINY / "images" / "small_note.png"))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    image = "data:image/png;base64," + base64.b64encode((TINY / "images" / "small_note.png").read_bytes()).decode()
-    body = {"model": "tiny", "stream": True, "max_tokens": args.max_tokens, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "Free OCR."}]}]}
+    image = "data:image/png;base64," + base64.b64encode(Path(args.image).read_bytes()).decode()
+    body = {"model": "bench", "stream": True, "stream_options": {"include_usage": True}, "mode": args.mode,
+            "max_tokens": args.max_tokens, "no_repeat_ngram_size": 0,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                                      {"type": "text", "text": "Free OCR."}]}]}
     with tempfile.TemporaryDirectory() as tmp:
-        proc, base = start(Path(tmp), max_queue=args.clients)
-        try:
-            out: list = []
-            t0 = time.perf_counter()
-
-            async def run_all():
-                await asyncio.gather(*[client_loop(base, body, t0 + args.seconds, out) for _ in range(args.clients)])
-            asyncio.run(run_all())
-            wall = time.perf_counter() - t0
-            health = httpx.get(base + "/health").json()
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-    ok = [r for r in out if r["status"] == 200 and r["done"]]
-    res = {"clients": args.clients, "seconds": round(wall, 1), "requests": len(out), "completed": len(ok),
-           "lost": len([r for r in out if r["status"] == 200 and not r["done"]]),
-           "rejected_503": len([r for r in out if r["status"] == 503]),
-           "p50_latency_s": round(pct([r["latency"] for r in ok], 0.5), 3),
-           "p95_latency_s": round(pct([r["latency"] for r in ok], 0.95), 3),
-           "p50_ttft_s": round(pct([r["ttft"] for r in ok if r["ttft"]], 0.5), 3),
-           "requests_per_s": round(len(ok) / wall, 2),
-           "tokens_per_s": round(sum(r["chunks"] for r in ok) / wall, 1),
-           "mean_chunks": round(statistics.mean([r["chunks"] for r in ok]), 1) if ok else 0,
-           "health_after": health["status"]}
+        tmp = Path(tmp)
+        if args.model:
+            from dsocr.runtime.engine import find_model_pair
+            lm, mm = find_model_pair(args.model, args.mmproj)
+        else:
+            lm, mm = tiny_pair(tmp)
+        rows = [run_level(tmp, lm, mm, int(n), body, args.requests) for n in args.parallel.split(",")]
+    base = rows[0]["decode_all_n_tok_s"] if rows[0]["parallel"] == 1 else float("nan")
+    for r in rows:
+        r["speedup_vs_1"] = r["decode_all_n_tok_s"] / base
     if args.json:
-        print(json.dumps(res, indent=1))
-    else:
-        for k, v in res.items():
-            print(f"{k:>16}: {v}")
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"model {lm.name} + {mm.name}, mode {args.mode}, {args.max_tokens} tokens, {args.requests} request(s) "
+          f"per client, CPU threads {os.cpu_count()}")
+    cols = ["parallel", "completed", "lost", "rejected", "failed", "requests_per_s", "p50_latency_s", "p95_latency_s",
+            "p50_ttft_s", "p95_ttft_s", "worst_gap_s", "p99_gap_s", "decode_all_n_tok_s", "decode_overall_tok_s",
+            "speedup_vs_1", "health_after"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + " --- |" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from dsocr.cli.config import Inference
 from dsocr.cli.output import RunOutputs, compile_notice, table_text
 from dsocr.runtime.engine import DEFAULT_PROMPT, PROMPTS
 from dsocr.runtime.errors import InputError
 from dsocr.runtime.grounding import parse, save_outputs
+from dsocr.runtime.pdf import PAGE_SEPARATOR, page_heading
 from dsocr.runtime.preprocess import MODES, ViewConfig, candidate_grids, image_token_count
 
 
@@ -43,6 +45,8 @@ def add_inference_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("-t", "--threads", type=int, metavar="N",
                    help="CPU threads, at least 1 (0 in config.toml or DSOCR_THREADS: all cores)")
     g.add_argument("--device", choices=["cpu", "cuda"])
+    g.add_argument("--parallel", type=int, metavar="N", help="sequences decoded together, at least 1: a run's pages, "
+                   "a server's requests")
     g.add_argument("-m", "--model", metavar="PATH", help="language-model GGUF, or a folder holding the pair (default: "
                    "the models.active entry of config.toml, fetched and converted on first use)")
     g.add_argument("--mmproj", metavar="PATH", help="vision GGUF (default: the mmproj-*.gguf beside the model)")
@@ -102,36 +106,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cli_overrides(args) -> dict:
-    inf = {k: getattr(args, k, None) for k in ("mode", "base_size", "image_size", "crop_mode", "max_new_tokens",
-                                                "temperature", "top_p", "top_k", "seed", "no_repeat_ngram_size",
-                                                "ngram_window", "threads", "device", "max_pixels")}
+    inf = {k: getattr(args, k, None) for k in Inference.model_fields}      # a flag has its setting's name
     return {"inference": inf, "models": {"model": getattr(args, "model", None), "mmproj": getattr(args, "mmproj", None)}}
-
-
-def view_config(inf: dict):
-    """The views of inf["mode"]; base_size, image_size (0: the mode's) and crop_mode (None: the mode's)
-    override it."""
-    from dsocr.runtime.preprocess import ViewConfig
-    cfg = ViewConfig.from_mode(inf["mode"])
-    if inf["base_size"]:
-        cfg.base_size = inf["base_size"]
-    if inf["image_size"]:
-        cfg.image_size = inf["image_size"]
-    if inf["crop_mode"] is not None:
-        cfg.crop_mode = inf["crop_mode"]
-    cfg.validate()
-    return cfg
-
-
-def sampling_params(inf: dict, name=lambda key: key):
-    """Decoding parameters from the merged settings, range-checked by SamplingParams.validate."""
-    from dsocr.runtime.generate import SamplingParams
-    n = inf["no_repeat_ngram_size"]
-    params = SamplingParams(max_new_tokens=inf["max_new_tokens"], temperature=inf["temperature"], top_p=inf["top_p"],
-                            top_k=inf["top_k"], seed=None if inf["seed"] < 0 else inf["seed"], no_repeat_ngram_size=n,
-                            ngram_window=inf["ngram_window"], ngram_mode="window" if n > 0 else "off")
-    params.validate(name)
-    return params
 
 
 def thread_count(settings) -> int | None:
@@ -148,8 +124,10 @@ def checked_inference(settings):
     """(view config, sampling params, threads) from flags, environment and config (their types already
     checked by load_settings), every range checked before any work; an error names the flag (or
     variable, or config key) the bad value came from."""
-    inf = settings["inference"]
-    return view_config(inf), sampling_params(inf, lambda key: settings.where("inference", key)), thread_count(settings)
+    inf = Inference(**settings["inference"])
+    view, sampling = inf.view(), inf.sampling()
+    sampling.validate(lambda key: settings.where("inference", key))
+    return view, sampling, thread_count(settings)
 
 
 def writable_dir(path: Path) -> Path:
@@ -227,16 +205,19 @@ def cmd_ocr(args) -> int:
     lm, mm = resolve_model(settings, progress=not args.quiet)
     results = []
     with compile_notice(enabled=not args.quiet):
-        engine = OcrEngine(lm, mm, device=inf["device"], threads=threads)
+        engine = OcrEngine(lm, mm, device=inf["device"], threads=threads, parallel=inf["parallel"])
         if outputs:
             outputs.clear_previous()      # only once the model loaded: a refused run leaves the last results
-        for i, (label, images) in enumerate(docs):
-            if paged and not args.json:
-                print(("\n\n" if i else "") + f"<!-- {label} -->\n", end="", flush=True)
+        pages = []                        # all submitted first, so the pages decode together
+        for label, images in docs:
             result = GenerationResult()
-            req = OcrRequest(images, prompt, view, sampling)
             progress = None if args.quiet else VisionProgress(f"{label}: " if label else "")
-            for delta in engine.stream(req, result, progress=progress):
+            seq = engine.submit(OcrRequest(images, prompt, view, sampling), result, progress=progress)
+            pages.append((label, images, result, seq))
+        for i, (label, images, result, seq) in enumerate(pages):
+            if paged and not args.json:
+                print((PAGE_SEPARATOR if i else "") + page_heading(page_number(label)), end="", flush=True)
+            for delta in engine.scheduler.stream(seq):
                 if not args.json:
                     sys.stdout.write(delta)
                     sys.stdout.flush()
@@ -246,8 +227,8 @@ def cmd_ocr(args) -> int:
     if not args.json:
         print()
     if paged and outputs:
-        joined = "\n\n".join(f"<!-- {label} -->\n" + (outdir / page_folder(label) / "result.md").read_text()
-                             for label, _, _ in results)
+        pages = [(page_number(label), (outdir / page_folder(label) / "result.md").read_text()) for label, _, _ in results]
+        joined = PAGE_SEPARATOR.join(page_heading(n) + text for n, text in pages)
         (outdir / "result.md").write_text(joined, encoding="utf-8")
         outputs.add([outdir / "result.md"])
     if args.json:
@@ -257,6 +238,10 @@ def cmd_ocr(args) -> int:
 
 def page_folder(label: str) -> str:
     return label.replace(" ", "-")       # "page 3" -> page-3/
+
+
+def page_number(label: str) -> int:
+    return int(label.split()[1])         # "page 3" -> 3
 
 
 def result_object(result, image) -> dict:
@@ -273,8 +258,8 @@ def result_object(result, image) -> dict:
 def json_report(results, paged: bool, inputs: list[str]) -> dict:
     if not paged:
         return {"inputs": inputs, **result_object(results[0][2], results[0][1][0])}
-    pages = [{"page": int(label.split()[1]), **result_object(r, images[0])} for label, images, r in results]
-    return {"inputs": inputs, "text": "\n\n".join(p["text"] for p in pages), "pages": pages,
+    pages = [{"page": page_number(label), **result_object(r, images[0])} for label, images, r in results]
+    return {"inputs": inputs, "text": PAGE_SEPARATOR.join(p["text"] for p in pages), "pages": pages,
             "prompt_tokens": sum(p["prompt_tokens"] for p in pages),
             "completion_tokens": sum(p["completion_tokens"] for p in pages),
             "finish_reason": pages[-1]["finish_reason"]}

@@ -24,33 +24,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--fetch-timeout", type=float, metavar="SECONDS", help="the most time one image URL may take")
     g.add_argument("--request-fetch-timeout", type=float, metavar="SECONDS",
                    help="the most time all of one request's image URLs may take")
+    g.add_argument("--max-pdf-pages", type=int, metavar="N", help="the most pages a PDF in a request may have")
+    g.add_argument("--cors-origins", nargs="+", metavar="ORIGIN",
+                   help="let browser pages from these origins call the API (CORS; * allows any)")
     add_inference_flags(p)
     p.set_defaults(run=cmd_serve)
+
+
+def serve_settings(args):
+    """The settings `dsocr serve` runs with: its flags over the environment, config.toml and defaults."""
+    from dsocr.cli.config import ConfigError, Server, load_settings
+    from dsocr.runtime.errors import InputError
+    over = cli_overrides(args)
+    over["server"] = {k: getattr(args, k, None) for k in Server.model_fields}    # a flag has its setting's name
+    try:
+        return load_settings(args.config, over)
+    except ConfigError as e:
+        raise InputError(str(e)) from None
 
 
 def cmd_serve(args) -> int:
     from dsocr.cli.commands_ocr import checked_inference
     from dsocr.cli.models import resolve_model
-    from dsocr.cli.config import ConfigError, load_settings
     from dsocr.runtime.engine import OcrEngine
-    from dsocr.runtime.errors import InputError
     from dsocr.sanic_app import create_app
-    over = cli_overrides(args)
-    over["server"] = {"host": args.host, "port": args.port, "model_id": args.model_id, "api_key": args.api_key,
-                      "max_queue": args.max_queue, "max_body_mb": args.max_body_mb,
-                      "allow_private_urls": args.allow_private_urls, "fetch_timeout": args.fetch_timeout,
-                      "request_fetch_timeout": args.request_fetch_timeout}
-    try:
-        settings = load_settings(args.config, over)
-    except ConfigError as e:
-        raise InputError(str(e)) from None
+    settings = serve_settings(args)
     inf, srv = settings["inference"], settings["server"]
     # the server's ranges were checked by load_settings, the request defaults here: before the model
     # loads, so a useless server fails at once
     _, _, threads = checked_inference(settings)
     lm, mm = resolve_model(settings, progress=not args.quiet)
     with compile_notice(enabled=not args.quiet):
-        engine = OcrEngine(lm, mm, device=inf["device"], threads=threads)
+        engine = OcrEngine(lm, mm, device=inf["device"], threads=threads, parallel=inf["parallel"])
         t0 = time.perf_counter()
         engine.warm_up()        # every kernel compiled (or loaded from numba's cache) before "serving"
     if not args.quiet:
@@ -59,7 +64,7 @@ def cmd_serve(args) -> int:
     app = create_app(engine, settings.data)
 
     @app.after_server_start
-    async def announce(app_, _loop):        # once listening: a taken port never prints "serving"
+    async def announce(app_):        # once listening: a taken port never prints "serving"
         print(f"dsocr: serving {srv['model_id']} ({lm.name} + {engine.mmproj_path.name}) on "
               f"http://{srv['host']}:{srv['port']}", file=sys.stderr, flush=True)
 

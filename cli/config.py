@@ -29,6 +29,8 @@ except ModuleNotFoundError:  # Python 3.10
 from platformdirs import user_config_path, user_data_path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dsocr.runtime.scheduler import DEFAULT_PARALLEL
+
 
 class ConfigError(Exception):
     pass
@@ -78,7 +80,41 @@ class Inference(Section):
     ngram_window: int = Field(90, description="tokens the n-gram blocking looks back over")
     threads: int = Field(0, description="CPU threads; 0 = all cores")
     device: str = Field("cpu", description="cpu | cuda")
+    parallel: int = Field(DEFAULT_PARALLEL, ge=1, description="sequences decoded together: pages of one run, "
+                                                              "requests of a server's users")
     max_pixels: int = Field(64_000_000, ge=1, description="larger images are refused (decompression-bomb guard)")
+
+    # The one way from these settings to what the runtime takes; `dsocr ocr` and the server both use it.
+    def view(self, mode: str | None = None):
+        """The ViewConfig of `mode`, or with None, these settings' own: their mode, with base_size and
+        image_size (0: the mode's) and crop_mode (None: the mode's) over it. InputError for an unknown
+        mode or sizes the views cannot take."""
+        from dsocr.runtime.preprocess import ViewConfig
+        if mode is not None:
+            return ViewConfig.from_mode(mode)
+        view = ViewConfig.from_mode(self.mode)
+        view.base_size = self.base_size or view.base_size
+        view.image_size = self.image_size or view.image_size
+        view.crop_mode = view.crop_mode if self.crop_mode is None else self.crop_mode
+        view.validate()
+        return view
+
+    def sampling(self, **overrides):
+        """The SamplingParams of these settings with `overrides` (decoding keys of this table; None: not
+        given) over them: a seed < 0 is a random one, an n-gram size of 0 turns the blocking off. Ranges
+        are SamplingParams.validate's to check."""
+        from dsocr.runtime.generate import SamplingParams
+        unknown = set(overrides) - set(DECODING_KEYS)
+        if unknown:
+            raise TypeError(f"not decoding settings: {sorted(unknown)}")
+        s = self.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+        return SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                              top_k=s.top_k, seed=None if s.seed < 0 else s.seed,
+                              no_repeat_ngram_size=s.no_repeat_ngram_size, ngram_window=s.ngram_window,
+                              ngram_mode="window" if s.no_repeat_ngram_size > 0 else "off")
+
+
+DECODING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "no_repeat_ngram_size", "ngram_window")
 
 
 class Server(Section):
@@ -95,6 +131,10 @@ class Server(Section):
                                  description="seconds to fetch one image URL, however slowly the server sends it")
     request_fetch_timeout: float = Field(60.0, gt=0, allow_inf_nan=False,
                                          description="seconds to fetch all of one request's image URLs")
+    max_pdf_pages: int = Field(20, ge=1, description="the most pages a PDF sent to the server may have (each is "
+                                                     "OCR'd as its own page)")
+    cors_origins: list[str] = Field(default_factory=list, description="origins browser pages may call the API "
+                                    "from (CORS), e.g. \"https://app.example\"; \"*\" allows any; empty: no CORS")
 
 
 class Config(BaseModel):

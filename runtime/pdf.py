@@ -1,6 +1,11 @@
-"""PDF pages as images (pypdfium2, 144 dpi) and page-range parsing ("1-3,7", 1-based)."""
+"""PDF pages as images (pypdfium2, 144 dpi) and page-range parsing ("1-3,7", 1-based).
+
+A PDF is opened from a file (the CLI) or from its bytes (the server); both render through
+`render_document`. PDFium is not thread-safe: one thread at a time may use it.
+"""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Iterator
 
@@ -9,6 +14,17 @@ from PIL import Image
 from dsocr.runtime.errors import InputError
 
 DPI = 144
+PAGE_SEPARATOR = "\n\n"          # between the texts of a PDF's pages, where they are joined
+
+
+def page_heading(number: int) -> str:
+    """What precedes page `number` (1-based) of a PDF where its pages' texts are shown together."""
+    return f"<!-- page {number} -->\n"
+
+
+def is_pdf_data(head: bytes) -> bool:
+    """Whether bytes (a file's first ones will do) are a PDF's: they begin with its header."""
+    return head[:5] == b"%PDF-"
 
 
 def is_pdf(path: str | Path) -> bool:
@@ -17,7 +33,7 @@ def is_pdf(path: str | Path) -> bool:
         return True
     try:
         with open(p, "rb") as f:
-            return f.read(5) == b"%PDF-"
+            return is_pdf_data(f.read(5))
     except OSError:
         return False
 
@@ -48,31 +64,40 @@ def parse_pages(spec: str | None, n_pages: int) -> list[int]:
     return pages
 
 
-def open_pdf(path: str | Path):
+def open_pdf(source: str | Path | bytes, label: str | None = None):
+    """A PDFium document from a file's path or a PDF's bytes; `label` names it in errors (default: the path)."""
     import pypdfium2 as pdfium
+    label = label or ("the PDF" if isinstance(source, bytes) else str(source))
     try:
-        return pdfium.PdfDocument(str(path))
+        return pdfium.PdfDocument(source if isinstance(source, bytes) else str(source))
     except pdfium.PdfiumError as e:
         # PDFium refuses a document with an empty page tree without naming an error ("PDFium: Success")
         if e.err_code == pdfium.raw.FPDF_ERR_SUCCESS:
-            raise InputError(f"{path}: the PDF has no pages") from None
-        raise InputError(f"{path}: not a readable PDF ({e})") from None
+            raise InputError(f"{label}: the PDF has no pages") from None
+        raise InputError(f"{label}: not a readable PDF ({e})") from None
+
+
+def render_document(doc, label: str, pages: list[int], max_pixels: int) -> Iterator[tuple[int, Image.Image]]:
+    """(page number, RGB image) for `pages` (0-based) of an open document, in order; a page that would
+    render over `max_pixels` is refused before it renders."""
+    import pypdfium2 as pdfium
+    for i in pages:
+        try:
+            page = doc[i]
+            w, h = page.get_size()
+            if math.ceil(w * DPI / 72) * math.ceil(h * DPI / 72) > max_pixels:     # the size render() makes
+                raise InputError(f"{label}: page {i + 1} renders over the {max_pixels:,}-pixel limit")
+            image = page.render(scale=DPI / 72).to_pil().convert("RGB")
+        except pdfium.PdfiumError as e:   # a page tree that lists pages it does not hold, a page of no area
+            raise InputError(f"{label}: page {i + 1} is not readable ({e})") from None
+        yield i + 1, image
 
 
 def render_pages(path: str | Path, spec: str | None = None, max_pixels: int = 64_000_000
                  ) -> Iterator[tuple[int, Image.Image]]:
-    """(page number, RGB image) for the selected pages, in order."""
-    import pypdfium2 as pdfium
+    """(page number, RGB image) for the selected pages of the PDF file at `path`, in order."""
     doc = open_pdf(path)
     try:
-        for i in parse_pages(spec, len(doc)):
-            try:
-                page = doc[i]
-                w, h = page.get_size()
-            except pdfium.PdfiumError as e:   # a page tree that lists pages it does not hold
-                raise InputError(f"{path}: page {i + 1} is not readable ({e})") from None
-            if (w * DPI / 72) * (h * DPI / 72) > max_pixels:
-                raise InputError(f"{path}: page {i + 1} renders over the {max_pixels:,}-pixel limit")
-            yield i + 1, page.render(scale=DPI / 72).to_pil().convert("RGB")
+        yield from render_document(doc, str(path), parse_pages(spec, len(doc)), max_pixels)
     finally:
         doc.close()

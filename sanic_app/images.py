@@ -1,7 +1,7 @@
-"""Images in requests: `data:` URLs (base64) and http(s) URLs fetched with httpx.
+"""Images and PDFs in requests: `data:` URLs (base64) and http(s) URLs fetched with httpx.
 
 Fetching has connect and read timeouts, an overall deadline per URL and per request (a server
-trickling bytes restarts a read timeout forever), a byte cap, an image content-type check and at
+trickling bytes restarts a read timeout forever), a byte cap, an image-or-PDF content-type check and at
 most a few redirects. Unless private URLs are allowed, every host is resolved first and refused if
 any address is not public, an IPv4 address embedded in an IPv6 one included; this is checked again
 on every redirect. Local paths and other schemes are refused.
@@ -10,6 +10,10 @@ Each image is decoded once at admission, one at a time, to refuse unreadable one
 guard) with a 400 before any stream starts and to learn its size; the pixels are dropped at once.
 A queued job keeps only the encoded bytes, which the engine worker decodes right before use, so
 jobs waiting in the queue hold no pixels.
+
+A PDF (the request's only image-like input) becomes one OCR page per PDF page: each is rendered at
+admission, checked against the pixel limit and kept as lossless PNG bytes, so queued PDF pages are
+encoded bytes like any image and PDFium never runs outside admission.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import contextlib
 import io
 import ipaddress
 import socket
+import threading
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -27,9 +32,14 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 from PIL import Image
 
+from dsocr.cli.config import Server
 from dsocr.runtime.errors import InputError
+from dsocr.runtime.pdf import is_pdf_data, open_pdf, parse_pages, render_document
 from dsocr.runtime.preprocess import load_image
 from dsocr.sanic_app.errors import APIError
+
+PDF_TYPE = "application/pdf"
+PDFIUM = threading.Lock()         # PDFium is not thread-safe: one PDF at a time, whatever runs the admissions
 
 
 @dataclass
@@ -42,6 +52,7 @@ class FetchPolicy:
     max_redirects: int = 3
     connect_timeout: float = 5.0
     read_timeout: float = 15.0
+    max_pdf_pages: int = Server.model_fields["max_pdf_pages"].default
 
 
 @dataclass
@@ -60,8 +71,12 @@ class EncodedImage:
             raise _bad(str(e), self.param) from None
 
 
-def _bad(message: str, param: str) -> APIError:
-    return APIError(400, message, param, "invalid_image")
+def _bad(message: str, param: str, code: str = "invalid_image") -> APIError:
+    return APIError(400, message, param, code)
+
+
+def accepted_type(media_type: str) -> bool:
+    return media_type.startswith("image/") or media_type == PDF_TYPE
 
 
 def decode_data_url(url: str, param: str) -> bytes:
@@ -69,9 +84,11 @@ def decode_data_url(url: str, param: str) -> bytes:
     head, sep, payload = url.partition(",")
     head = head.lower()
     if not sep or ";base64" not in head:
-        raise _bad("data URLs must be base64 encoded (data:image/...;base64,...)", param)
-    if not head[5:].startswith("image/"):
-        raise _bad(f"data URL type {head[5:].split(';')[0]!r} is not an image", param)
+        raise _bad("data URLs must be base64 encoded (data:image/...;base64,... or data:application/pdf;base64,...)",
+                   param)
+    media_type = head[5:].split(";")[0]
+    if not accepted_type(media_type):
+        raise _bad(f"data URL type {media_type!r} is not an image or a PDF", param)
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -146,7 +163,7 @@ def _host_port(url: str, param: str) -> tuple[str, int]:
 
 
 async def _fetch_once(client: httpx.AsyncClient, url: str, policy: FetchPolicy, param: str) -> bytes | str:
-    """The image's bytes, or the URL a redirect points to."""
+    """The image's (or PDF's) bytes, or the URL a redirect points to."""
     host, port = _host_port(url, param)
     address = await _checked_address(host, port, policy, param)
     try:
@@ -162,8 +179,8 @@ async def _fetch_once(client: httpx.AsyncClient, url: str, policy: FetchPolicy, 
             if r.status_code != 200:
                 raise _bad(f"fetching the image failed with HTTP {r.status_code}", param)
             ctype = r.headers.get("content-type", "").split(";")[0].strip().lower()
-            if not ctype.startswith("image/"):
-                raise _bad(f"the URL returned {ctype or 'no content type'}, not an image", param)
+            if not accepted_type(ctype):
+                raise _bad(f"the URL returned {ctype or 'no content type'}, not an image or a PDF", param)
             if int(r.headers.get("content-length", "0") or 0) > policy.max_bytes:
                 raise _bad(f"the image is over {policy.max_bytes >> 20} MB", param)
             body = bytearray()
@@ -201,6 +218,7 @@ async def fetch_url(url: str, policy: FetchPolicy, param: str, request_deadline:
 
 
 async def image_bytes(url, policy: FetchPolicy, param: str, request_deadline: float) -> bytes:
+    """The bytes of an image or PDF reference."""
     if not isinstance(url, str) or not url:
         raise _bad("image_url must be a non-empty string", param)
     scheme = url.split(":", 1)[0].lower()
@@ -211,15 +229,48 @@ async def image_bytes(url, policy: FetchPolicy, param: str, request_deadline: fl
     raise _bad("local paths and other schemes are not accepted: use an http(s) or data: URL", param)
 
 
-async def load_request_images(refs: list[tuple[str, str]], policy: FetchPolicy,
-                              decoder: Executor) -> list[EncodedImage]:
-    """A request's image references ((url, param) pairs) -> checked encoded images (APIError 400 when
-    unusable). `decoder` runs the admission decodes: one worker there bounds them to one at a time."""
+def pdf_pages(data: bytes, param: str, policy: FetchPolicy) -> list[EncodedImage]:
+    """Each page of a PDF rendered, checked against the pixel limit and kept as PNG bytes (lossless: the
+    page's pixels are the CLI's); more pages than policy.max_pdf_pages is refused before any renders."""
+    try:
+        with PDFIUM:
+            doc = open_pdf(data, param)
+            try:
+                if len(doc) > policy.max_pdf_pages:
+                    raise _bad(f"the PDF has {len(doc)} pages; this server takes at most {policy.max_pdf_pages} "
+                               f"(its max_pdf_pages setting): send fewer pages", param, "too_many_pages")
+                rendered = render_document(doc, param, parse_pages(None, len(doc)), policy.max_pixels)
+                pages = []
+                for _, page in rendered:
+                    png = io.BytesIO()
+                    page.save(png, "PNG", compress_level=1)      # fast; PNG is lossless at any level
+                    pages.append(EncodedImage(png.getvalue(), page.size, param, policy.max_pixels))
+                return pages
+            finally:
+                doc.close()
+    except InputError as e:
+        raise _bad(str(e), param, "invalid_file") from None
+
+
+async def load_request_pages(refs: list[tuple[str, str]], policy: FetchPolicy,
+                             decoder: Executor) -> list[list[EncodedImage]]:
+    """A request's image references ((url, param) pairs) -> its OCR pages, each the checked encoded images
+    of one sequence: one page holding every image in order, or for a PDF (which must come alone) one page
+    per PDF page. APIError 400 when unusable. `decoder` runs the admission decodes and PDF renders: one
+    worker there bounds them to one at a time."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + policy.request_fetch_timeout
-    out = []
-    for url, param in refs:
-        image = EncodedImage(await image_bytes(url, policy, param, deadline), (0, 0), param, policy.max_pixels)
+    loaded = [(await image_bytes(url, policy, param, deadline), param) for url, param in refs]
+    pdfs = [param for data, param in loaded if is_pdf_data(data)]      # by content, as `dsocr ocr` tells them
+    if pdfs and len(loaded) > 1:
+        raise _bad("a PDF must be the request's only image or file (each of its pages is OCR'd on its own)", pdfs[0],
+                   "invalid_file")
+    if pdfs:
+        data, param = loaded[0]
+        return [[page] for page in await loop.run_in_executor(decoder, pdf_pages, data, param, policy)]
+    images = []
+    for data, param in loaded:
+        image = EncodedImage(data, (0, 0), param, policy.max_pixels)
         image.size = await loop.run_in_executor(decoder, lambda: image.decode().size)
-        out.append(image)
-    return out
+        images.append(image)
+    return [images]

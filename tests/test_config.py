@@ -93,6 +93,7 @@ BAD_FILES = [
     ("[inference]\nmax_new_tokens = true\n", "inference.max_new_tokens: Input should be a valid integer (got True)"),
     ("[server]\nport = 70000\n", "server.port: Input should be less than or equal to 65535 (got 70000)"),
     ("[server]\nmax_queue = 0\n", "server.max_queue: Input should be greater than or equal to 1 (got 0)"),
+    ("[server]\nmax_pdf_pages = 0\n", "server.max_pdf_pages: Input should be greater than or equal to 1 (got 0)"),
     ("[server]\nrequest_fetch_timeout = inf\n", "server.request_fetch_timeout: Input should be a finite number"),
     ("[server]\nallow_private_urls = 1\n", "server.allow_private_urls: Input should be a valid boolean (got 1)"),
     ("[server\nport = 1\n", "not valid TOML"),
