@@ -48,6 +48,7 @@ def cmd_serve(args) -> int:
     from dsocr.cli.models import resolve_model
     from dsocr.runtime.engine import OcrEngine
     from dsocr.sanic_app import create_app
+    from dsocr.sanic_app.worker import EngineWorker
     settings = serve_settings(args)
     inf, srv = settings["inference"], settings["server"]
     # the server's ranges were checked by load_settings, the request defaults here: before the model
@@ -55,13 +56,14 @@ def cmd_serve(args) -> int:
     _, _, threads = checked_inference(settings)
     lm, mm = resolve_model(settings, progress=not args.quiet)
     with compile_notice(enabled=not args.quiet):
-        engine = OcrEngine(lm, mm, device=inf["device"], threads=threads, parallel=inf["parallel"])
         t0 = time.perf_counter()
-        engine.warm_up()        # every kernel compiled (or loaded from numba's cache) before "serving"
+        worker = EngineWorker(lambda: OcrEngine(lm, mm, device=inf["device"], threads=threads,
+                                                parallel=inf["parallel"]), int(srv["max_queue"]))
+        engine = worker.wait_ready()     # built and warmed up on its own thread, before "serving"
     if not args.quiet:
         print(f"dsocr: warmed up in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    app = create_app(engine, settings.data)
+    app = create_app(worker, settings.data)
 
     @app.after_server_start
     async def announce(app_):        # once listening: a taken port never prints "serving"

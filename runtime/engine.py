@@ -154,6 +154,7 @@ class OcrEngine:
         t0 = time.perf_counter()
         prompt = normalize_prompt(req.prompt, len(req.images))
         prepared = [prepare_image(img, req.view) for img in req.images]
+        req = None                       # its pixels go now (a server's caller keeps no other reference)
         ids, is_image = build_prompt_ids(self.tokenizer, prompt, prepared, IMAGE_TOKEN)
         t1 = time.perf_counter()
         rows = []

@@ -50,6 +50,8 @@ class Sequence:
         self.next: int | None = None     # the sampled token the next decode step feeds
         self.prefill_s = 0.0
         self.decode_t0 = 0.0
+        self.last_token_t = 0.0
+        self.max_token_gap_s = 0.0       # the longest wait between two of its tokens
 
     @property
     def finished(self) -> bool:
@@ -66,6 +68,9 @@ class Scheduler:
         self.queue: deque[Sequence] = deque()
         self.slots: list[Sequence] = []
         self.decode_step_s = 0.0         # the last decode step's time: admission's share of the next step
+        # per batch size: decode steps run and their seconds (what /metrics and bench/server_load.py read)
+        self.decode_steps: dict[int, int] = {}
+        self.decode_seconds: dict[int, float] = {}
 
     def submit(self, prompt, params: SamplingParams, result: GenerationResult, on_delta=None, on_done=None,
                cancelled: Callable[[], bool] = lambda: False) -> Sequence:
@@ -110,6 +115,9 @@ class Scheduler:
             t0 = time.perf_counter()
             self._guarded(decoding, self._decode_step, decoding)
             self.decode_step_s = time.perf_counter() - t0
+            n = len(decoding)
+            self.decode_steps[n] = self.decode_steps.get(n, 0) + 1
+            self.decode_seconds[n] = self.decode_seconds.get(n, 0.0) + self.decode_step_s
 
     def _guarded(self, seqs: list[Sequence], work, *args) -> None:
         # a failure ends the sequences it touched (their clients get the error), not the scheduler
@@ -158,6 +166,12 @@ class Scheduler:
             self._sample(seq, row)
 
     def _sample(self, seq: Sequence, logits: np.ndarray) -> None:
+        now = time.perf_counter()
+        if seq.last_token_t:
+            seq.max_token_gap_s = max(seq.max_token_gap_s, now - seq.last_token_t)
+        else:
+            seq.result.timings["first_token_at"] = now       # perf_counter time, for time-to-first-token
+        seq.last_token_t = now
         tok, delta = seq.decoder.next_token(logits)
         self._emit(seq, delta)
         if tok is None:
@@ -187,7 +201,8 @@ class Scheduler:
             n, prefill = len(seq.result.token_ids), max(seq.prefill_s, 1e-9)
             decode = time.perf_counter() - seq.decode_t0 if seq.decode_t0 else 0.0
             seq.result.timings.update(prefill_s=seq.prefill_s, decode_s=decode, prefill_tok_s=len(seq.ids) / prefill,
-                                      decode_tok_s=max(n - 1, 0) / max(decode, 1e-9))
+                                      decode_tok_s=max(n - 1, 0) / max(decode, 1e-9),
+                                      max_token_gap_s=seq.max_token_gap_s)
         if isinstance(seq.prompt, Iterator):
             seq.prompt.close()           # a prompt still encoding its views lets them go
         seq.prompt = seq.embeds = seq.cache = None

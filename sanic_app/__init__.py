@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP server: `create_app(engine, settings)`.
+"""The OpenAI-compatible HTTP server: `create_app(worker, settings)`.
 
 Routes: GET /health, GET /metrics (Prometheus), GET /v1/models, GET /v1/models/{id},
 POST /v1/chat/completions, POST /v1/responses, GET /openapi.json (HEAD too on the GET routes).

@@ -11,9 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from sanic import Sanic, response
 from sanic.exceptions import RequestCancelled, SanicException
 
-from dsocr.runtime.engine import OcrEngine
-from dsocr.sanic_app.errors import APIError, error_response
 from dsocr.cli.config import Inference
+from dsocr.sanic_app.errors import APIError, error_response
 from dsocr.sanic_app.images import FetchPolicy
 from dsocr.sanic_app.metrics import CLIENT_GONE, ServerMetrics, outcome
 from dsocr.sanic_app.routes import add_routes
@@ -41,9 +40,9 @@ def cors_origin(allowed: frozenset[str], origin: str | None) -> str | None:
     return origin if origin.lower() in allowed else None
 
 
-def create_app(engine: OcrEngine, settings: dict, name: str = "dsocr") -> Sanic:
-    """settings: {"server": {...}, "inference": {...}} as merged by dsocr.cli.config, which checked their
-    types and ranges."""
+def create_app(worker: EngineWorker, settings: dict, name: str = "dsocr") -> Sanic:
+    """worker: the engine's worker, ready (EngineWorker.wait_ready); settings: {"server": {...},
+    "inference": {...}} as merged by dsocr.cli.config, which checked their types and ranges."""
     srv, inf = settings["server"], settings["inference"]
     # Sanic's own logging config would print its lines a second time (to stdout) next to the root
     # handler `dsocr serve` sets up; without it they go through that handler once.
@@ -55,26 +54,20 @@ def create_app(engine: OcrEngine, settings: dict, name: str = "dsocr") -> Sanic:
     app.config.KEEP_ALIVE_TIMEOUT = 30
     app.config.FALLBACK_ERROR_FORMAT = "json"     # not guessed per request (deprecated in Sanic)
     ctx = app.ctx
-    ctx.engine, ctx.server, ctx.model_id = engine, srv, srv["model_id"]
+    ctx.worker, ctx.engine, ctx.server, ctx.model_id = worker, worker.engine, srv, srv["model_id"]
     ctx.inference = Inference(**inf)          # the requests' defaults, parsed once
     ctx.policy = FetchPolicy(allow_private=bool(srv["allow_private_urls"]), max_pixels=int(inf["max_pixels"]),
                              fetch_timeout=float(srv["fetch_timeout"]),
                              request_fetch_timeout=float(srv["request_fetch_timeout"]),
                              max_pdf_pages=int(srv["max_pdf_pages"]))
     ctx.admission_decoder = ThreadPoolExecutor(1, "dsocr-admission")   # one image decode at a time at admission
-    ctx.worker = None
     ctx.metrics = ServerMetrics(ctx)
     api_key = srv.get("api_key")
     cors_allowed = frozenset(o.rstrip("/").lower() for o in srv["cors_origins"])
 
-    @app.before_server_start
-    async def start_worker(app_):
-        app_.ctx.worker = EngineWorker(engine, int(srv["max_queue"]))
-
     @app.after_server_stop
     async def stop_worker(app_):
-        if app_.ctx.worker:
-            app_.ctx.worker.stop()
+        app_.ctx.worker.stop()
         app_.ctx.admission_decoder.shutdown(wait=False, cancel_futures=True)
 
     # request middleware runs in this order; a response returned ends the request there

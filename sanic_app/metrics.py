@@ -8,6 +8,7 @@ generation that failed), "cancelled" (the client went away) or, for a refused re
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # An OCR answer's first token comes after the vision encoder: seconds on a CPU, not milliseconds.
@@ -53,6 +54,8 @@ class ServerMetrics:
             gauge = Gauge(name, doc, registry=r)
             gauge.set_function(lambda attr=attr: getattr(ctx.worker, attr) if ctx.worker else 0)
 
+        r.register(DecodeSteps(ctx))
+
     def request_done(self, request, status: str, seconds: float) -> None:
         route = route_name(request)
         self.requests.labels(route, status).inc()
@@ -66,3 +69,23 @@ class ServerMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class DecodeSteps:
+    """The scheduler's decode steps by batch size, read at each scrape: their count and seconds, so
+    that N * steps / seconds is the throughput of N sequences decoding together."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def collect(self):
+        steps = CounterMetricFamily("dsocr_decode_steps", "Decode steps by the number of sequences in them",
+                                    labels=["batch"])
+        seconds = CounterMetricFamily("dsocr_decode_step_seconds", "Seconds spent in decode steps, by batch size",
+                                      labels=["batch"])
+        sched = self.ctx.worker.scheduler if self.ctx.worker else None
+        for n in sorted(sched.decode_steps) if sched else ():
+            steps.add_metric([str(n)], sched.decode_steps[n])
+            seconds.add_metric([str(n)], sched.decode_seconds[n])
+        yield steps
+        yield seconds

@@ -123,8 +123,8 @@ def log_job(request, job: Job, route: str, status: str, completion: int):
     wait = (job.started or t) - job.enqueued
     ttft = (job.first_token - job.enqueued) if job.first_token else float("nan")
     log.info("req=%s route=%s status=%s prompt_tokens=%d completion_tokens=%d queue_wait=%.3fs ttft=%.3fs "
-             "total=%.3fs", job.rid, route, status, job.result.prompt_tokens, completion, wait, ttft,
-             t - job.enqueued)
+             "max_token_gap=%.3fs total=%.3fs", job.rid, route, status, job.result.prompt_tokens, completion, wait,
+             ttft, job.result.timings.get("max_token_gap_s", float("nan")), t - job.enqueued)
     request.app.ctx.metrics.job_done(job, completion)
     request.app.ctx.metrics.request_done(request, status, t - request.ctx.t0)
 

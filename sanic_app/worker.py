@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from dsocr.runtime.engine import OcrEngine, OcrRequest
 from dsocr.runtime.errors import InputError
@@ -45,12 +47,14 @@ class Job:
     result: GenerationResult = field(default_factory=GenerationResult)
     enqueued: float = field(default_factory=time.perf_counter)
     started: float | None = None
-    first_token: float | None = None
     finished: float | None = None
 
+    @property
+    def first_token(self) -> float | None:
+        """When its first token was sampled (perf_counter), shown or not."""
+        return self.result.timings.get("first_token_at")
+
     def emit(self, kind: str, value=None) -> None:
-        if kind == "delta" and self.first_token is None:
-            self.first_token = time.perf_counter()
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
 
@@ -102,23 +106,41 @@ class PagedJob:
             r.token_ids = [t for p in self.results for t in p.token_ids]
             r.text = PAGE_SEPARATOR.join(page_heading(i + 1) + p.text for i, p in enumerate(self.results))
             r.prompt_tokens = sum(p.prompt_tokens for p in self.results)
+            r.timings.update(first_token_at=min(p.timings.get("first_token_at", math.inf) for p in self.results),
+                             max_token_gap_s=max(p.timings.get("max_token_gap_s", 0.0) for p in self.results))
             r.finish_reason = "stop" if all(p.finish_reason == "stop" for p in self.results) else \
                 next(p.finish_reason for p in self.results if p.finish_reason != "stop")
         job.emit("done", job.result)
 
 
 class EngineWorker:
-    def __init__(self, engine: OcrEngine, max_queue: int):
-        self.engine, self.max_queue = engine, max_queue
-        self.scheduler = engine.scheduler
-        self.parallel = self.scheduler.parallel
+    """The engine's own thread: it builds the engine, warms it up and then serves, so that every
+    numba launch of the engine comes from this one thread. (Parallel kernels launched from two
+    threads make two OpenMP teams, more threads than cores, and libgomp then spins 1000 rounds
+    instead of GOMP_SPINCOUNT before sleeping: each small launch paid a wake-up, and decode in the
+    server ran at 17 tok/s where `dsocr ocr` ran at 25. numba's thread count is per thread too.)"""
+
+    def __init__(self, make_engine: Callable[[], OcrEngine], max_queue: int):
+        self.max_queue = max_queue
+        self.engine: OcrEngine | None = None
+        self.scheduler = None
+        self.parallel = 0                 # slots, once the engine is built
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.waiting = 0                  # reserved and queued jobs
         self.running = 0                  # sequences holding a slot of the scheduler
         self.lock = threading.Lock()
         self.stopping = False
-        self.thread = threading.Thread(target=self._run, name="dsocr-engine", daemon=True)
+        self.ready = threading.Event()
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(make_engine,), name="dsocr-engine", daemon=True)
         self.thread.start()
+
+    def wait_ready(self) -> OcrEngine:
+        """The engine, once built and warmed up on the worker thread; its failure re-raised here."""
+        self.ready.wait()
+        if self.failure is not None:
+            raise self.failure
+        return self.engine
 
     @property
     def busy(self) -> bool:
@@ -144,7 +166,16 @@ class EngineWorker:
     def stop(self) -> None:
         self.jobs.put(None)
 
-    def _run(self) -> None:
+    def _run(self, make_engine) -> None:
+        try:
+            self.engine = make_engine()
+            self.engine.warm_up()        # every kernel compiled (or loaded from numba's cache) before serving
+            self.scheduler, self.parallel = self.engine.scheduler, self.engine.scheduler.parallel
+        except BaseException as e:       # a bad model: wait_ready raises it on the caller's thread
+            self.failure = e
+            return
+        finally:
+            self.ready.set()
         while not self.stopping:
             self._take_jobs()
             if self.stopping:

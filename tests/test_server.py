@@ -58,7 +58,9 @@ def start_server(lm, mm, tmp_path, *extra):
 def server(converted, tmp_path_factory):
     lm, mm = converted("f32", "f32")
     tmp = tmp_path_factory.mktemp("server")
-    proc, base = start_server(lm, mm, tmp, "--api-key", KEY, "--max-queue", "1", "--max-body-mb", "1")
+    # one slot and one queued job: the queue tests fill the house with two requests
+    proc, base = start_server(lm, mm, tmp, "--api-key", KEY, "--parallel", "1", "--max-queue", "1",
+                              "--max-body-mb", "1")
     yield base, lm, mm, tmp
     proc.terminate()
     proc.wait(timeout=30)
