@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from dsocr.runtime.engine import OcrEngine, OcrRequest
 from dsocr.runtime.generate import SamplingParams
@@ -72,6 +73,9 @@ def test_concurrent_requests_get_their_alone_text(served):
     assert [g[1] for g in got] == [n for _, _, n in CASES] and all(g[0].strip() for g in got)
     health = httpx.get(base + "/health").json()
     assert health["status"] == "ok" and health["parallel"] == 3 and health["running"] == 0
+    steps = {s.labels["batch"]: s.value for f in text_string_to_metric_families(httpx.get(base + "/metrics").text)
+             if f.name == "dsocr_decode_steps" for s in f.samples if s.name.endswith("_total")}
+    assert steps.get("3", 0) >= 1 and sum(steps.values()) >= max(n for _, _, n in CASES) - 1
 
 
 def test_a_pdf_streams_its_pages_in_order(served, tmp_path):
