@@ -49,6 +49,9 @@ def openapi_document(model_id: str) -> dict:
         "paths": {
             "/health": {"get": {"summary": "Liveness and queue state",
                                 "responses": {"200": {"description": "ok", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics: queue, slots, tokens, decode steps, latencies",
+                                 "responses": {"200": {"description": "the Prometheus text format",
+                                                       "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
             "/v1/models": {"get": {"summary": "List the served model", "responses": {
                 "200": {"description": "list", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ModelList"}}}}, **errors}}},
             "/v1/chat/completions": {"post": {
