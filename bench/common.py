@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: worker processes measured with wait4, BLAS baselines."""
+"""Shared by the benchmark scripts: worker processes measured with wait4, BLAS baselines. Importing it
+puts the repository root on sys.path for devtools/ (the random-weight models, the numpy K-quant reference)."""
 import json
 import os
 import sys
@@ -9,12 +10,14 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 MODELS = REPO / "models" / "bench"
 
 
-def run_measured(cmd: list[str]) -> tuple[str, str, float, float]:
+def run_measured(cmd: list[str], ok_status: tuple[int, ...] = (0,)) -> tuple[str, str, float, float]:
     """Run cmd (cmd[0] a path) to its end: (stdout, stderr, wall seconds, its peak RSS MB from wait4).
-    A failed command stops the benchmark with the last lines of its stderr."""
+    A command that exits with another status than `ok_status` stops the benchmark with the last lines of
+    its stderr."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t = time.perf_counter()
         pid = os.posix_spawn(cmd[0], cmd, dict(os.environ), file_actions=[(os.POSIX_SPAWN_DUP2, out.fileno(), 1),
@@ -24,7 +27,7 @@ def run_measured(cmd: list[str]) -> tuple[str, str, float, float]:
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-    if os.waitstatus_to_exitcode(status) != 0:
+    if os.waitstatus_to_exitcode(status) not in ok_status:
         tail = "\n  ".join(stderr.strip().splitlines()[-8:])
         raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n  {tail}")
     return stdout, stderr, wall_s, usage.ru_maxrss / 1024
@@ -60,6 +63,6 @@ def device_gemm_baseline(products, peak_gflops: float) -> dict:
 
 def random_model(models: str | Path, lm_type: str, mmproj_type: str = "f16", which=("lm",)) -> dict[str, Path]:
     """Full-size random-weight GGUF files of these types under `models`, written once and reused."""
-    from dsocr.convert.synthetic import write_random_gguf_pair
+    from devtools.synthetic import write_random_gguf_pair
     return write_random_gguf_pair(Path(models), lm_type, mmproj_type, REPO / "tests/fixtures/real-config",
                                   REPO / "tests/fixtures/tiny-dsocr", which=which, progress=sys.stderr.isatty())

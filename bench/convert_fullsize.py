@@ -17,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO  # noqa: E402  (and devtools/ on sys.path)
+
 REAL = REPO / "tests" / "fixtures" / "real-config"
 TINY = REPO / "tests" / "fixtures" / "tiny-dsocr"
 
@@ -26,7 +28,7 @@ def ensure_checkpoint(folder: Path) -> float:
     """Generate the random full-size checkpoint if needed; returns seconds spent."""
     if (folder / "model.safetensors.index.json").is_file():
         return 0.0
-    from dsocr.convert.synthetic import write_random_checkpoint
+    from devtools.synthetic import write_random_checkpoint
     t = time.perf_counter()
     write_random_checkpoint(folder, REAL, TINY, seed=0)
     return time.perf_counter() - t

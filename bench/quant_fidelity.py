@@ -1,7 +1,7 @@
 """How far each weight type moves the language model's output from F32, at full size.
 
 The full-size random-weight language model (real hparams; the same weights for every type, drawn
-once by convert/synthetic.py) is written in F32 and in each type under models/bench/. Each file runs
+once by devtools/synthetic.py) is written in F32 and in each type under models/bench/. Each file runs
 the same 128-token prompt in its own process, logits at every position; the figures compare them
 with F32's: the largest |logit difference|, its RMS relative to the spread of F32's logits, the mean
 KL divergence KL(F32 || type) over positions (nats), and how often the top token agrees.

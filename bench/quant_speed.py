@@ -1,5 +1,5 @@
 """Quantize / dequantize throughput per ggml format: dsocr's numba path against the numpy
-reference (gguf.quants, or dsocr.quant.reference for the K-quant quantizers gguf lacks),
+reference (gguf.quants, or devtools/kquant_reference.py for the K-quant quantizers gguf lacks),
 measured in the same run on the same N(0,1) rows of 4096 weights. MB/s counts float32 bytes.
 The numba path writes into a reused buffer, as the runtime does: a fresh 64 MB array costs
 more in first-touch page faults (about 3 us a page on a VM) than the conversion itself.
@@ -11,14 +11,19 @@ import dsocr.runtime.thread_env  # noqa: E402,F401  (first: before numpy loads O
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from dsocr import quant
-from dsocr.quant import reference
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402,F401  (devtools/ on sys.path)
+from devtools import kquant_reference as reference  # noqa: E402
 
 FORMATS = [QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 

@@ -6,13 +6,14 @@ import json
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from dsocr.cli.config import Inference
 from dsocr.cli.output import RunOutputs, compile_notice, table_text
 from dsocr.runtime.engine import DEFAULT_PROMPT, PROMPTS
 from dsocr.runtime.errors import InputError
-from dsocr.runtime.grounding import parse, save_outputs
+from dsocr.runtime.grounding import save_outputs
 from dsocr.runtime.pdf import PAGE_SEPARATOR, page_heading
 from dsocr.runtime.preprocess import MODES, ViewConfig, candidate_grids, image_token_count
 
@@ -152,9 +153,11 @@ class VisionProgress:
               flush=True)
 
 
-def expand_inputs(paths: list[str], pages: str | None, max_pixels: int):
-    """[(label, [PIL images])]: image files go together in one request, a PDF gives one per page."""
-    from dsocr.runtime.pdf import is_pdf, render_pages
+@contextmanager
+def run_requests(paths: list[str], pages: str | None, max_pixels: int):
+    """The run's requests, (page number, [PIL images]): image files go together in one request (page
+    None); a PDF gives one per page, checked when opened (before any work) and rendered as its turn comes."""
+    from dsocr.runtime.pdf import PdfPages, is_pdf
     from dsocr.runtime.preprocess import read_image_file
     if not paths:
         raise InputError("no image given (dsocr ocr IMAGE or --image FILE)")
@@ -165,10 +168,12 @@ def expand_inputs(paths: list[str], pages: str | None, max_pixels: int):
     if pdfs:
         if len(paths) > 1:
             raise InputError("give a PDF on its own (its pages are OCR'd one by one)")
-        return [(f"page {n}", [img]) for n, img in render_pages(pdfs[0], pages, max_pixels)], True
+        with PdfPages(pdfs[0], pages, max_pixels) as pdf:
+            yield ((number, [image]) for number, image in pdf)
+        return
     if pages:
         raise InputError("--pages applies to PDF input")
-    return [("", [read_image_file(p, max_pixels) for p in paths])], False
+    yield [(None, [read_image_file(p, max_pixels) for p in paths])]
 
 
 def chosen_prompt(args) -> str:
@@ -188,78 +193,64 @@ def chosen_prompt(args) -> str:
 
 
 def cmd_ocr(args) -> int:
-    from dsocr.cli.config import ConfigError, load_settings
+    from dsocr.cli.config import load_settings
     from dsocr.cli.models import resolve_model
-    from dsocr.runtime.engine import OcrEngine, OcrRequest
+    from dsocr.engine import Engine
+    from dsocr.result import OcrResult
+    from dsocr.runtime.engine import OcrRequest
     from dsocr.runtime.generate import GenerationResult
-    try:
-        settings = load_settings(args.config, cli_overrides(args))
-    except ConfigError as e:
-        raise InputError(str(e)) from None
-    inf = settings["inference"]
-    view, sampling, threads = checked_inference(settings)
+    settings = load_settings(args.config, cli_overrides(args))
+    view, sampling, _ = checked_inference(settings)
     prompt = chosen_prompt(args)
-    docs, paged = expand_inputs(list(args.inputs) + list(args.image), args.pages, inf["max_pixels"])
-    outdir = writable_dir(Path(args.output_dir)) if args.output_dir else None
-    outputs = RunOutputs(outdir) if outdir else None
-    lm, mm = resolve_model(settings, progress=not args.quiet)
-    results = []
-    with compile_notice(enabled=not args.quiet):
-        engine = OcrEngine(lm, mm, device=inf["device"], threads=threads, parallel=inf["parallel"])
-        if outputs:
-            outputs.clear_previous()      # only once the model loaded: a refused run leaves the last results
-        pages = []                        # all submitted first, so the pages decode together
-        for label, images in docs:
-            result = GenerationResult()
-            progress = None if args.quiet else VisionProgress(f"{label}: " if label else "")
-            seq = engine.submit(OcrRequest(images, prompt, view, sampling), result, progress=progress)
-            pages.append((label, images, result, seq))
-        for i, (label, images, result, seq) in enumerate(pages):
-            if paged and not args.json:
-                print((PAGE_SEPARATOR if i else "") + page_heading(page_number(label)), end="", flush=True)
-            for delta in engine.scheduler.stream(seq):
-                if not args.json:
-                    sys.stdout.write(delta)
-                    sys.stdout.flush()
-            results.append((label, images, result))
+    inputs = list(args.inputs) + list(args.image)
+    with run_requests(inputs, args.pages, settings["inference"]["max_pixels"]) as requests:
+        outdir = writable_dir(Path(args.output_dir)) if args.output_dir else None
+        outputs = RunOutputs(outdir) if outdir else None
+        lm, mm = resolve_model(settings, progress=not args.quiet)
+        results = []
+        with compile_notice(enabled=not args.quiet):
+            engine = Engine(settings, lm, mm).ocr_engine
             if outputs:
-                outputs.add(save_outputs(outdir / page_folder(label) if paged else outdir, images[0], result.text))
+                outputs.clear_previous()      # only once the model loaded: a refused run leaves the last results
+
+            def submit(request):
+                page, images = request
+                progress = None if args.quiet else VisionProgress("" if page is None else f"page {page}: ")
+                return engine.submit(OcrRequest(images, prompt, view, sampling), GenerationResult(), progress=progress)
+
+            # `parallel` pages at a time decode together, the next rendered when the first of them is done
+            for (page, images), seq in engine.scheduler.submit_ahead(requests, submit):
+                if page is not None and not args.json:
+                    print((PAGE_SEPARATOR if results else "") + page_heading(page), end="", flush=True)
+                for delta in engine.scheduler.stream(seq):
+                    if not args.json:
+                        sys.stdout.write(delta)
+                        sys.stdout.flush()
+                results.append(OcrResult.of(seq.result, *images[0].size, page=page))
+                if outputs:
+                    outputs.add(save_outputs(outdir if page is None else outdir / page_folder(page), images[0], seq.result.text))
     if not args.json:
         print()
-    if paged and outputs:
-        pages = [(page_number(label), (outdir / page_folder(label) / "result.md").read_text()) for label, _, _ in results]
-        joined = PAGE_SEPARATOR.join(page_heading(n) + text for n, text in pages)
+    if results[0].page is not None and outputs:
+        joined = PAGE_SEPARATOR.join(page_heading(r.page) + (outdir / page_folder(r.page) / "result.md").read_text()
+                                     for r in results)
         (outdir / "result.md").write_text(joined, encoding="utf-8")
         outputs.add([outdir / "result.md"])
     if args.json:
-        print(json.dumps(json_report(results, paged, list(args.inputs) + list(args.image)), ensure_ascii=False))
+        print(json.dumps(json_report(results, inputs), ensure_ascii=False))
     return 0
 
 
-def page_folder(label: str) -> str:
-    return label.replace(" ", "-")       # "page 3" -> page-3/
+def page_folder(page: int) -> str:
+    return f"page-{page}"
 
 
-def page_number(label: str) -> int:
-    return int(label.split()[1])         # "page 3" -> 3
-
-
-def result_object(result, image) -> dict:
-    """One request's answer; `regions` are the grounding boxes of its text, in pixels of `image` (the
-    request's first) and as the model wrote them (0-999)."""
-    t = result.timings
-    regions = parse(result.text, image.width, image.height)
-    return {"text": result.text, "token_ids": result.token_ids, "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": len(result.token_ids), "finish_reason": result.finish_reason,
-            "timings": {k: round(v, 4) for k, v in t.items()}, "image_size": [image.width, image.height],
-            "regions": [record for r in regions for record in r.records()]}
-
-
-def json_report(results, paged: bool, inputs: list[str]) -> dict:
-    if not paged:
-        return {"inputs": inputs, **result_object(results[0][2], results[0][1][0])}
-    pages = [{"page": page_number(label), **result_object(r, images[0])} for label, images, r in results]
-    return {"inputs": inputs, "text": PAGE_SEPARATOR.join(p["text"] for p in pages), "pages": pages,
-            "prompt_tokens": sum(p["prompt_tokens"] for p in pages),
-            "completion_tokens": sum(p["completion_tokens"] for p in pages),
-            "finish_reason": pages[-1]["finish_reason"]}
+def json_report(results, inputs: list[str]) -> dict:
+    """The run's JSON object from its OcrResults: the request's, or for a PDF, its pages' and their totals."""
+    if results[0].page is None:
+        return {"inputs": inputs, **results[0].record()}
+    pages = [{"page": r.page, **r.record()} for r in results]
+    return {"inputs": inputs, "text": PAGE_SEPARATOR.join(r.text for r in results), "pages": pages,
+            "prompt_tokens": sum(r.prompt_tokens for r in results),
+            "completion_tokens": sum(r.completion_tokens for r in results),
+            "finish_reason": results[-1].finish_reason}

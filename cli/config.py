@@ -29,11 +29,12 @@ except ModuleNotFoundError:  # Python 3.10
 from platformdirs import user_config_path, user_data_path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dsocr.runtime.errors import InputError
 from dsocr.runtime.scheduler import DEFAULT_PARALLEL
 
 
-class ConfigError(Exception):
-    pass
+class ConfigError(InputError):
+    """A config file, variable or setting that cannot be used: input, to the CLI and the Python API alike."""
 
 
 class Section(BaseModel):

@@ -11,7 +11,7 @@ import signal
 import sys
 from importlib.metadata import version
 
-from dsocr.cli import commands_config, commands_models, commands_ocr, commands_serve
+from dsocr.cli import commands_batch, commands_config, commands_models, commands_ocr, commands_serve
 
 EXIT_ERROR = 1
 
@@ -47,6 +47,7 @@ examples:
   dsocr ocr page.png               markdown of one page (the model is fetched and converted on first use)
   dsocr ocr scan.pdf -o out        every page; out/result.md, boxes.png and image crops per page
   dsocr serve --port 8080          an OpenAI-compatible server
+  dsocr batch scans/ -o out        a whole folder, resumable; --ray for a Ray cluster
   dsocr ocr --help                 modes, prompts and every flag with its default"""
 
 
@@ -116,6 +117,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands_models.register(sub)
     commands_ocr.register(sub)
+    commands_batch.register(sub)
     commands_serve.register(sub)
     commands_config.register(sub)
     for p in sub.choices.values():
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
         print(f"dsocr: error: {msg}", file=sys.stderr)
-        return EXIT_ERROR
+        return getattr(args, "error_status", EXIT_ERROR)     # a command may set its own (batch: 1 means failed pages)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -2,7 +2,7 @@
 
 `gguf.quants` is the numpy reference (and the oracle in the tests); these classes add numba
 fast paths, parallel over rows, for every format, and the K-quant quantizers gguf lacks
-(whose plain-numpy reference lives in `dsocr.quant.reference`).
+(whose plain-numpy reference, for the tests and benches, is devtools/kquant_reference.py).
 
     raw = quantize(x, GGMLQuantizationType.Q4_K)     # float32 [..., k] -> uint8 [..., row_bytes]
     x2 = dequantize(raw, GGMLQuantizationType.Q4_K)  # uint8 [..., row_bytes] -> float32 [..., k]

@@ -11,6 +11,7 @@ and moved along and into their box until they overlap no earlier label.
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,20 +136,31 @@ def draw_boxes(image: Image.Image, regions: list[Region]) -> Image.Image:
     return page
 
 
-def save_outputs(outdir: Path, image: Image.Image, raw_text: str) -> list[Path]:
-    """result.mmd (raw text), result.md (clean markdown), boxes.png, images/N.jpg crops; returns the
-    files written."""
-    outdir.mkdir(parents=True, exist_ok=True)
+def output_files(image: Image.Image, raw_text: str) -> dict[str, bytes]:
+    """One page's result files by their path in its folder: result.mmd (raw text), result.md (clean
+    markdown), boxes.png, images/N.jpg crops. As bytes, so that whoever writes them (`dsocr batch`'s
+    output folder) needs neither the page nor the model."""
     regions = parse(raw_text, image.width, image.height)
-    written = [outdir / "result.mmd", outdir / "result.md", outdir / "boxes.png"]
-    written[0].write_text(raw_text, encoding="utf-8")
-    written[1].write_text(clean_markdown(raw_text, regions), encoding="utf-8")
-    draw_boxes(image, regions).save(written[2])
+    files = {"result.mmd": raw_text.encode("utf-8"), "result.md": clean_markdown(raw_text, regions).encode("utf-8"),
+             "boxes.png": _encoded(draw_boxes(image, regions), "PNG")}
     crops = [box for r in regions if r.label == "image" for box in r.boxes]
-    if crops:
-        (outdir / "images").mkdir(exist_ok=True)
-        rgb = image.convert("RGB")
+    rgb = image.convert("RGB") if crops else None
     for n, box in enumerate(crops):
-        written.append(outdir / "images" / f"{n}.jpg")
-        rgb.crop(box).save(written[-1])
+        files[f"images/{n}.jpg"] = _encoded(rgb.crop(box), "JPEG")
+    return files
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+def save_outputs(outdir: Path, image: Image.Image, raw_text: str) -> list[Path]:
+    """output_files written into `outdir`; returns the files written."""
+    written = []
+    for name, data in output_files(image, raw_text).items():
+        written.append(outdir / name)
+        written[-1].parent.mkdir(parents=True, exist_ok=True)
+        written[-1].write_bytes(data)
     return written

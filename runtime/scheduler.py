@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
@@ -31,6 +31,7 @@ DEFAULT_PARALLEL = 4     # sequences decoding together (each KV cache is committ
 PREFILL_CHUNK = 256      # prompt tokens per prefill forward: ~1 s on two cores, the longest pause a stream sees
 
 WAITING, ADMITTING, DECODING, DONE = "waiting", "admitting", "decoding", "done"
+T = TypeVar("T")
 
 
 class Sequence:
@@ -77,6 +78,31 @@ class Scheduler:
         seq = Sequence(prompt, params, result, on_delta, on_done, cancelled)
         self.queue.append(seq)
         return seq
+
+    def submit_ahead(self, items: Iterable[T], submit: Callable[[T], Sequence]) -> Iterator[tuple[T, Sequence]]:
+        """(item, submit(item)) for each of `items`, in order, `parallel` of them submitted before the first
+        is handed out: the caller streams each to its end, then asks for the next, and only then is one more
+        item read and submitted. So the submitted ones decode together while `items` (a PDF's pages,
+        rendered as they are read) is read at most `parallel` ahead of the one being streamed. Sequences
+        not streamed to their end when the caller stops (or an item or a submit fails) are cancelled."""
+        window: deque[tuple[T, Sequence]] = deque()
+        try:
+            for item in items:
+                window.append((item, submit(item)))
+                if len(window) == self.parallel:
+                    yield window[0]
+                    window.popleft()
+            while window:
+                yield window[0]
+                window.popleft()
+        finally:
+            for _, seq in window:
+                self.cancel(seq)
+
+    def cancel(self, seq: Sequence) -> None:
+        """Ends a sequence nobody will read any more (finish reason "cancelled"): its slot is free at once."""
+        if not seq.finished:
+            self._end(seq, "cancelled")
 
     @property
     def running(self) -> int:

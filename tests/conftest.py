@@ -15,6 +15,7 @@ TINY = FIXTURES / "tiny-dsocr"
 REPO = TESTS.parent
 
 sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(REPO))      # devtools/: the tests' own helpers, not installed
 
 # Relative RMS reconstruction error allowed for N(0, 1) weights, per format: a uniform quantizer
 # with step s has RMS error s/sqrt(12); s is amax/127 for Q8_0 (amax ~ 2.1 sigma over 32 weights),

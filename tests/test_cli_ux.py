@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from dsocr.cli.commands_ocr import chosen_prompt, json_report
 from dsocr.cli.main import build_parser, main
 from dsocr.cli.output import RunOutputs, compile_notice, human_bytes, table_text
+from dsocr.result import OcrResult
 from dsocr.runtime.engine import PROMPTS
 from dsocr.runtime.errors import InputError
 from dsocr.runtime.generate import GenerationResult
@@ -319,15 +320,15 @@ def test_labels_are_drawn_at_their_places(tmp_path):
 
 def test_json_has_the_inputs_and_the_regions():
     result = GenerationResult(text=GROUNDED, token_ids=[1, 2], prompt_tokens=9, finish_reason="stop")
-    out = json_report([("", [page()], result)], False, ["scan.png"])
+    out = json_report([OcrResult.of(result, 1000, 2000)], ["scan.png"])
     assert out["inputs"] == ["scan.png"] and out["image_size"] == [1000, 2000]
     assert out["regions"] == [
         {"label": "title", "box": [100, 100, 900, 240], "model_box": [100, 50, 900, 120]},
         {"label": "image", "box": [0, 400, 499, 1201], "model_box": [0, 200, 499, 600]},
         {"label": "image", "box": [500, 400, 1000, 1201], "model_box": [500, 200, 999, 600]},
         {"label": "text", "box": [100, 1401, 900, 1601], "model_box": [100.5, 700, 900, 800]}]
-    paged = json_report([("page 2", [page((500, 500))], result), ("page 5", [page()], GenerationResult())],
-                        True, ["doc.pdf"])
+    paged = json_report([OcrResult.of(result, 500, 500, page=2), OcrResult.of(GenerationResult(), 1000, 2000, page=5)],
+                        ["doc.pdf"])
     assert paged["inputs"] == ["doc.pdf"] and [p["page"] for p in paged["pages"]] == [2, 5]
     assert paged["pages"][0]["regions"][0]["box"] == [50, 25, 450, 60] and paged["pages"][1]["regions"] == []
 

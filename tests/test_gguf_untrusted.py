@@ -294,7 +294,7 @@ def test_requantize_names_a_missing_key(converted, tmp_path):
 # ---------------------------------------------------------------- the pair is replaced whole
 
 def test_failed_mmproj_write_keeps_the_old_pair(tmp_path):
-    from dsocr.convert.synthetic import write_random_checkpoint
+    from devtools.synthetic import write_random_checkpoint
     out = tmp_path / "out"
     old = {f.path: f.path.read_bytes() for f in convert_checkpoint(TINY, out, "f16", "f16", name="m", progress=False)}
     other = write_random_checkpoint(tmp_path / "other", TINY, TINY, seed=1)   # same shapes, other weights
@@ -312,7 +312,7 @@ def test_failed_mmproj_write_keeps_the_old_pair(tmp_path):
 @pytest.fixture(scope="module")
 def slow_checkpoint(tmp_path_factory):
     """The tiny checkpoint with 128x wider experts (~40 MB): its LM takes a while to write."""
-    from dsocr.convert.synthetic import write_random_checkpoint
+    from devtools.synthetic import write_random_checkpoint
     import shutil
     folder = tmp_path_factory.mktemp("slow")
     cfg = json.loads((TINY / "config.json").read_text())

@@ -8,7 +8,8 @@ from gguf import GGMLQuantizationType as QT
 
 from dsocr import quant
 from dsocr.quant import layout as L
-from dsocr.quant import reference, rows
+from dsocr.quant import rows
+from devtools import kquant_reference as reference
 
 from conftest import FIXTURES, RMS_BOUND
 

@@ -1,6 +1,6 @@
 """Plain-numpy reference quantizers for the K-quants (gguf.quants has only their dequantizers).
 
-Written independently of the numba kernels in `rows.py`, vectorised over blocks instead of
+Written independently of the numba kernels in `dsocr.quant.rows`, vectorised over blocks instead of
 looping over them, and in the same float32 operation order as ggml's `quantize_row_q4_K_ref`,
 `quantize_row_q5_K_ref` and `quantize_row_q6_K_ref`, so both reproduce ggml's bytes.
 Slow; for tests and for checking the fast path. Each block is assembled field by field in
