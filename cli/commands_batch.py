@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from dsocr.cli.commands_ocr import add_inference_flags, checked_inference, cli_overrides
+from dsocr.cli.commands_ocr import add_inference_flags, add_prompt_flags, checked_inference, chosen_prompt, cli_overrides
 from dsocr.runtime.errors import InputError
 
 EXIT_PAGES_FAILED = 1     # the run finished; some pages are recorded as failed
@@ -42,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tries after the first for a page that fails or stops at the token limit (default: 1)")
     p.add_argument("--retry-temperature", type=float, default=0.2, metavar="T",
                    help="added to the temperature at each retry, to get a looping page out of its loop (default: 0.2)")
+    add_prompt_flags(p)
     g = p.add_argument_group("ray (pip install -e \".[ray]\")")
     g.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="OCR on Ray actors: alone, a local Ray instance started here; with an address (e.g. "
@@ -77,6 +78,7 @@ def cmd_batch(args) -> int:
         raise InputError(f"--retries must be at least 0, not {args.retries}")
     if not 0 <= args.retry_temperature < math.inf:
         raise InputError(f"--retry-temperature must be a finite number >= 0, not {args.retry_temperature}")
+    prompt = chosen_prompt(args)
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"dsocr: {msg}", file=sys.stderr, flush=True))
     outdir = Path(args.output_dir)
     documents = expand_inputs(args.inputs, exclude=outdir)
@@ -91,7 +93,7 @@ def cmd_batch(args) -> int:
         say(f"{len(units)} pages in {len(documents)} documents: {len(units) - len(todo)} done already, "
             f"{len(todo)} to do")
         if todo:
-            run_args = {"model": model, "view": view, "sampling": sampling,
+            run_args = {"model": model, "view": view, "sampling": sampling, "prompt": prompt,
                         "policy": RetryPolicy(args.retries, args.retry_temperature), "max_pixels": inf["max_pixels"]}
             with compile_notice(enabled=not args.quiet):
                 if args.ray is not None:

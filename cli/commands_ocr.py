@@ -93,11 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog="\n\n".join([modes_help(), tasks_help(), OCR_EXAMPLES]))
     p.add_argument("inputs", nargs="*", metavar="IMAGE", help="image or PDF files")
     p.add_argument("--image", action="append", default=[], metavar="FILE", help="an image or PDF (repeatable)")
-    pr = p.add_mutually_exclusive_group()
-    pr.add_argument("-p", "--prompt", metavar="TEXT", help="the prompt (default: --task markdown's)")
-    pr.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a file")
-    pr.add_argument("--task", choices=[t for t in PROMPTS if t != "locate"], help="an official prompt, see below")
-    pr.add_argument("--locate", metavar="TEXT", help="find TEXT in the image (the official locate prompt)")
+    add_prompt_flags(p)
     p.add_argument("--pages", metavar="RANGES", help="PDF pages, e.g. 1-3,7 (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("-o", "--output-dir", metavar="DIR", help="write result.md, result.mmd, boxes.png and images/ "
@@ -174,6 +170,16 @@ def run_requests(paths: list[str], pages: str | None, max_pixels: int):
     if pages:
         raise InputError("--pages applies to PDF input")
     yield [(None, [read_image_file(p, max_pixels) for p in paths])]
+
+
+def add_prompt_flags(p: argparse.ArgumentParser) -> None:
+    """--prompt, --prompt-file, --task, --locate: one of them (`ocr` and `batch`); chosen_prompt reads them."""
+    pr = p.add_mutually_exclusive_group()
+    pr.add_argument("-p", "--prompt", metavar="TEXT", help="the prompt (default: --task markdown's)")
+    pr.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a file")
+    pr.add_argument("--task", choices=[t for t in PROMPTS if t != "locate"], help="an official prompt (see "
+                    "`dsocr ocr --help`)")
+    pr.add_argument("--locate", metavar="TEXT", help="find TEXT in the image (the official locate prompt)")
 
 
 def chosen_prompt(args) -> str:

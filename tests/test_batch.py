@@ -368,3 +368,22 @@ def test_pages_decode_together_and_are_rendered_only_as_slots_free(model, tmp_pa
         done.append(outcome.key[1])
     assert sorted(done) == rendered == list(range(1, 8)) and max(held) == 3
     assert max(engine.scheduler.decode_steps) == 3           # three pages in one decode step
+
+
+def test_the_prompt_flags_are_dsocr_ocrs(model, tmp_path):
+    """--task free on a page gives the ids `dsocr ocr --task free` gives (and not the default prompt's)."""
+    out = tmp_path / "out"
+    assert run_batch(NOTE, "-o", out, "-n", 6, "--retries", 0, "--task", "free", "-q", model=model).returncode == 1
+    [rec] = records(out)
+    ocr = subprocess.run([sys.executable, "-m", "dsocr.cli.main", "ocr", NOTE, "-m", model[0], "--mmproj", model[1],
+                          "--mode", "tiny", "-n", "6", "--task", "free", "--json", "-q"], capture_output=True, text=True,
+                         env={**os.environ, "DSOCR_CONFIG": os.devnull + ".toml"})
+    assert ocr.returncode == 0, ocr.stderr
+    assert rec["token_ids"] == json.loads(ocr.stdout)["token_ids"]
+    assert rec["prompt_tokens"] != records_of_default(model, tmp_path)["prompt_tokens"]
+
+
+def records_of_default(model, tmp_path):
+    out = tmp_path / "default"
+    run_batch(NOTE, "-o", out, "-n", 1, "--retries", 0, "-q", model=model)
+    return records(out)[0]
