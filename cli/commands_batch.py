@@ -60,14 +60,11 @@ def cmd_batch(args) -> int:
     from dsocr.batch.inputs import expand_inputs, page_units
     from dsocr.batch.run import RetryPolicy, ocr_units
     from dsocr.batch.store import OutputFolder
-    from dsocr.cli.config import ConfigError, load_settings
+    from dsocr.cli.config import load_settings
     from dsocr.cli.models import resolve_model
     from dsocr.cli.output import compile_notice
     from dsocr.runtime.engine import OcrEngine, find_model_pair
-    try:
-        settings = load_settings(args.config, cli_overrides(args))
-    except ConfigError as e:
-        raise InputError(str(e)) from None
+    settings = load_settings(args.config, cli_overrides(args))
     inf = settings["inference"]
     view, sampling, threads = checked_inference(settings)
     if args.workers < 1:

@@ -87,12 +87,8 @@ def cmd_quantize(args) -> int:
 
 
 def _settings(args):
-    from dsocr.cli.config import ConfigError, load_settings
-    from dsocr.runtime.errors import InputError
-    try:
-        return load_settings(args.config)
-    except ConfigError as e:
-        raise InputError(str(e)) from None
+    from dsocr.cli.config import load_settings
+    return load_settings(args.config)
 
 
 def cmd_pull(args) -> int:

@@ -33,14 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def serve_settings(args):
     """The settings `dsocr serve` runs with: its flags over the environment, config.toml and defaults."""
-    from dsocr.cli.config import ConfigError, Server, load_settings
-    from dsocr.runtime.errors import InputError
+    from dsocr.cli.config import Server, load_settings
     over = cli_overrides(args)
     over["server"] = {k: getattr(args, k, None) for k in Server.model_fields}    # a flag has its setting's name
-    try:
-        return load_settings(args.config, over)
-    except ConfigError as e:
-        raise InputError(str(e)) from None
+    return load_settings(args.config, over)
 
 
 def cmd_serve(args) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
@@ -155,14 +154,3 @@ class Decoder:
         tail = self.stream.flush()
         self.result.text += tail
         return tail
-
-
-def generate(lm, tokenizer: TextTokenizer, prompt_embeds, prompt_ids: list[int], params: SamplingParams,
-             result: GenerationResult | None = None, cancelled=lambda: False) -> Iterator[str]:
-    """Yields text deltas of one sequence from its prompt embeddings; `result` (if given) is filled in as
-    decoding goes (ids, text, reason, timings). The engine's scheduler with this one sequence."""
-    from dsocr.runtime.scheduler import Scheduler
-    scheduler = Scheduler(lm, tokenizer, parallel=1)
-    seq = scheduler.submit((prompt_embeds, prompt_ids), params,
-                           result if result is not None else GenerationResult(), cancelled=cancelled)
-    yield from scheduler.stream(seq)

@@ -235,3 +235,13 @@ class Scheduler:
         seq.state = DONE
         if seq.on_done is not None:
             seq.on_done(seq)
+
+
+def generate(lm: LanguageModel, tokenizer, prompt_embeds, prompt_ids: list[int], params: SamplingParams,
+             result: GenerationResult | None = None, cancelled=lambda: False) -> Iterator[str]:
+    """Yields text deltas of one sequence from its prompt embeddings; `result` (if given) is filled in as
+    decoding goes (ids, text, reason, timings): a scheduler with this one sequence."""
+    scheduler = Scheduler(lm, tokenizer, parallel=1)
+    seq = scheduler.submit((prompt_embeds, prompt_ids), params,
+                           result if result is not None else GenerationResult(), cancelled=cancelled)
+    yield from scheduler.stream(seq)

@@ -158,9 +158,15 @@ def engine_error(e: Exception) -> APIError:
     return APIError(500, f"generation failed ({type(e).__name__})", None, "internal_error")
 
 
+def end_job(request, job: Job, route: str, status: str) -> None:
+    """The job stops (its sequences end at the scheduler's next step), and its one log line and metrics."""
+    job.cancelled.set()
+    log_job(request, job, route, status, len(job.result.token_ids))
+
+
 async def collect(request, job: Job, stop: StopFilter | None, route: str):
     """The whole text and the result of a non-streamed job; engine errors become API errors."""
-    text, result, status = "", None, "error"
+    text, result, status = "", None, "cancelled"       # unless the loop below ends
     try:
         async for kind, value in events(job, stop):
             if kind == "delta":
@@ -168,15 +174,29 @@ async def collect(request, job: Job, stop: StopFilter | None, route: str):
             else:
                 result = value
         status = "ok"
-    except asyncio.CancelledError:
-        status = "cancelled"
-        raise
     except Exception as e:
+        status = "error"
         raise engine_error(e) from None
     finally:
-        job.cancelled.set()
-        log_job(request, job, route, status, len(job.result.token_ids))
+        end_job(request, job, route, status)
     return text, result
+
+
+async def stream_job(request, job: Job, route: str, write, write_error) -> None:
+    """A streamed job's SSE answer: `write(resp)` sends its events. The head is out by then, so an engine
+    error becomes a last event, `write_error(resp, api_error)`; a client that goes away cancels it."""
+    resp = await request.respond(content_type="text/event-stream", headers=SSE_HEADERS)
+    status = "cancelled"                                # unless the writing below ends
+    try:
+        try:
+            await write(resp)
+            status = "ok"
+        except Exception as e:
+            status = "error"
+            await write_error(resp, engine_error(e))
+        await resp.eof()
+    finally:
+        end_job(request, job, route, status)
 
 
 async def chat(request):
@@ -190,9 +210,8 @@ async def chat(request):
         return response.json(chat_completion(rid, model_id, text, finish_reason(result, stop),
                                              usage_chat(result.prompt_tokens, len(result.token_ids))))
     created = int(time.time())
-    resp = await request.respond(content_type="text/event-stream", headers=SSE_HEADERS)
-    status = "ok"
-    try:
+
+    async def write(resp):
         await resp.send(sse(chat_chunk(rid, model_id, created, {"role": "assistant", "content": ""})))
         result = None
         async for kind, value in events(job, stop):
@@ -205,18 +224,11 @@ async def chat(request):
             await resp.send(sse(chat_chunk(rid, model_id, created, None,
                                            usage=usage_chat(result.prompt_tokens, len(result.token_ids)))))
         await resp.send(sse("[DONE]"))
-        await resp.eof()
-    except asyncio.CancelledError:
-        status = "cancelled"
-        raise
-    except Exception as e:
-        status = "error"
-        err = engine_error(e)
+
+    async def write_error(resp, err: APIError):
         await resp.send(sse(error_body(err.status, err.message, err.param, err.code)))
-        await resp.eof()
-    finally:
-        job.cancelled.set()
-        log_job(request, job, "chat.stream", status, len(job.result.token_ids))
+
+    await stream_job(request, job, "chat.stream", write, write_error)
 
 
 async def responses(request):
@@ -234,49 +246,40 @@ async def responses(request):
     if not parsed.stream:
         text, result = await collect(request, job, None, "responses")
         return response.json(final(text, result))
-    resp = await request.respond(content_type="text/event-stream", headers=SSE_HEADERS)
     seq = iter(range(1 << 30))
-    status = "ok"
 
-    async def send(event: str, data: dict):
+    async def send(resp, event: str, data: dict):
         await resp.send(sse({"type": event, "sequence_number": next(seq), **data}, event))
 
-    try:
+    async def write(resp):
         base = response_object(rid, msg_id, model_id, "", "in_progress", None, parsed, created)
-        await send("response.created", {"response": base})
-        await send("response.in_progress", {"response": base})
+        await send(resp, "response.created", {"response": base})
+        await send(resp, "response.in_progress", {"response": base})
         item = {"type": "message", "id": msg_id, "status": "in_progress", "role": "assistant", "content": []}
-        await send("response.output_item.added", {"output_index": 0, "item": item})
+        await send(resp, "response.output_item.added", {"output_index": 0, "item": item})
         part = {"type": "output_text", "text": "", "annotations": []}
-        await send("response.content_part.added", {"item_id": msg_id, "output_index": 0, "content_index": 0,
-                                                   "part": part})
+        await send(resp, "response.content_part.added", {"item_id": msg_id, "output_index": 0, "content_index": 0,
+                                                         "part": part})
         text, result = "", None
         async for kind, value in events(job, None):
             if kind == "delta":
                 text += value
-                await send("response.output_text.delta", {"item_id": msg_id, "output_index": 0,
-                                                          "content_index": 0, "delta": value, "logprobs": []})
+                await send(resp, "response.output_text.delta", {"item_id": msg_id, "output_index": 0,
+                                                                "content_index": 0, "delta": value, "logprobs": []})
             else:
                 result = value
-        await send("response.output_text.done", {"item_id": msg_id, "output_index": 0, "content_index": 0,
-                                                 "text": text, "logprobs": []})
+        await send(resp, "response.output_text.done", {"item_id": msg_id, "output_index": 0, "content_index": 0,
+                                                       "text": text, "logprobs": []})
         done_part = {"type": "output_text", "text": text, "annotations": []}
-        await send("response.content_part.done", {"item_id": msg_id, "output_index": 0, "content_index": 0,
-                                                  "part": done_part})
-        await send("response.output_item.done", {"output_index": 0, "item": {**item, "status": "completed",
-                                                                             "content": [done_part]}})
+        await send(resp, "response.content_part.done", {"item_id": msg_id, "output_index": 0, "content_index": 0,
+                                                        "part": done_part})
+        await send(resp, "response.output_item.done", {"output_index": 0, "item": {**item, "status": "completed",
+                                                                                   "content": [done_part]}})
         full = final(text, result)
-        await send("response.completed" if full["status"] == "completed" else "response.incomplete",
+        await send(resp, "response.completed" if full["status"] == "completed" else "response.incomplete",
                    {"response": full})
-        await resp.eof()
-    except asyncio.CancelledError:
-        status = "cancelled"
-        raise
-    except Exception as e:
-        status = "error"
-        err = engine_error(e)
-        await send("error", {"code": err.code, "message": err.message, "param": err.param})
-        await resp.eof()
-    finally:
-        job.cancelled.set()
-        log_job(request, job, "responses.stream", status, len(job.result.token_ids))
+
+    async def write_error(resp, err: APIError):
+        await send(resp, "error", {"code": err.code, "message": err.message, "param": err.param})
+
+    await stream_job(request, job, "responses.stream", write, write_error)

@@ -15,7 +15,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from dsocr.runtime.cpu import CPUBackend
-from dsocr.runtime.generate import GenerationResult, SamplingParams, banned_ngram_tokens, generate
+from dsocr.runtime.generate import GenerationResult, SamplingParams, banned_ngram_tokens
+from dsocr.runtime.scheduler import generate
 from dsocr.runtime.gguf_file import GGUFFile
 from dsocr.runtime.language import LanguageModel
 from dsocr.runtime.tap import Recorder
