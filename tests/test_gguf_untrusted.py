@@ -311,13 +311,15 @@ def test_failed_mmproj_write_keeps_the_old_pair(tmp_path):
 
 @pytest.fixture(scope="module")
 def slow_checkpoint(tmp_path_factory):
-    """The tiny checkpoint with 128x wider experts (~40 MB): its LM takes a while to write."""
+    """The tiny checkpoint with 128x wider experts and a 128x wider CLIP MLP (~90 MB): both files take a while to write,
+    so a signal sent when a .part appears lands while that file is written, not after the pair is committed."""
     from devtools.synthetic import write_random_checkpoint
     import shutil
     folder = tmp_path_factory.mktemp("slow")
     cfg = json.loads((TINY / "config.json").read_text())
     for c in (cfg, cfg["language_config"]):
         c["moe_intermediate_size"], c["intermediate_size"] = 4096, 16384
+    cfg["vision_config"]["width"]["clip-l-14-224"]["ffn_hidden_size"] = 65536
     (folder / "config").mkdir()
     (folder / "config" / "config.json").write_text(json.dumps(cfg))
     shutil.copy(TINY / "model.safetensors.index.json", folder / "config")
