@@ -129,6 +129,11 @@ class Backend(Protocol):
         """Bidirectional attention, q, k, v [B, n, n_head*d] -> [B, n, n_head*d]; relpos = (Rh, Rw, H, W)
         adds SAM's decomposed relative positions."""
 
+    def attention_prefix(self, q: Array, k: Array, v: Array, n_head: int, n_head_kv: int, n_prefix: int) -> Array:
+        """q [n, n_head*d], k, v [n, n_head_kv*d] -> [n, n_head*d]: softmax(q k^T / sqrt d) v per head, query head h
+        reading kv head h // (n_head / n_head_kv); rows < n_prefix see keys [0, n_prefix) (bidirectional), row
+        i >= n_prefix sees keys [0, i] (causal after the prefix)."""
+
     # ---- vision layout
     def conv2d(self, x: Array, w: Weight, k: int, stride: int, pad: int, bias=None) -> Array:
         """x [H, W, Cin] (*) w [Cout, Cin, k, k] (+ bias [Cout]) -> [Ho, Wo, Cout]."""
@@ -145,3 +150,18 @@ class Backend(Protocol):
     def warm_up(self) -> None:
         """Run (compile, or load from the cache) the kernels of paths that the engine's small warm-up
         page does not reach, so that no real request waits for a compile."""
+
+
+def prefix_attention_head_dim(q_shape, k_shape, v_shape, n_head: int, n_head_kv: int, n_prefix: int) -> int:
+    """attention_prefix's shape rule, checked before a kernel indexes by it: the head width d, or a
+    ValueError saying which of q [n, n_head*d], k and v [n, n_head_kv*d], n_prefix in [0, n] does not hold."""
+    if n_head_kv < 1 or n_head % n_head_kv:
+        raise ValueError(f"attention_prefix: {n_head} query heads are not a multiple of {n_head_kv} kv heads")
+    (n, q_width), (n_kv, kv_width) = q_shape, k_shape
+    d = q_width // n_head
+    if tuple(v_shape) != tuple(k_shape) or n_kv != n or d < 1 or d * n_head != q_width or d * n_head_kv != kv_width:
+        raise ValueError(f"attention_prefix: q {list(q_shape)}, k {list(k_shape)}, v {list(v_shape)} are not "
+                         f"[n, {n_head}*d], [n, {n_head_kv}*d], [n, {n_head_kv}*d]")
+    if not 0 <= n_prefix <= n:
+        raise ValueError(f"attention_prefix: a prefix of {n_prefix} rows is outside 0..{n}")
+    return d

@@ -9,6 +9,7 @@ import numba
 import numpy as np
 
 from dsocr.quant.rows import dequantize_rows
+from dsocr.runtime.backend import prefix_attention_head_dim
 from dsocr.runtime.cpu import matmul as mm
 from dsocr.runtime.cpu import ops, qgemm, vision_ops
 from dsocr.runtime.gguf_file import Tensor
@@ -250,6 +251,17 @@ class CPUBackend:
                     vision_ops.softmax_relpos(s, qc, r0, Rh, Rw, W, scale)
                     np.matmul(s, vh[b, h], out=oh[b, h, r0:r0 + chunk])
         vision_ops.merge_heads(oh, out)
+        return out
+
+    def attention_prefix(self, q, k, v, n_head: int, n_head_kv: int, n_prefix: int) -> np.ndarray:
+        """Prefix-masked grouped-query attention (DeepSeek-OCR 2's encoder): q [n, n_head*d], k, v
+        [n, n_head_kv*d] -> [n, n_head*d], rows < n_prefix over keys [0, n_prefix), row i >= n_prefix
+        over keys [0, i]. Split head-major once, then one kernel (vision_ops.attention_prefix)."""
+        d = prefix_attention_head_dim(q.shape, k.shape, v.shape, n_head, n_head_kv, n_prefix)
+        out = np.empty(q.shape, np.float32)
+        qh = split_heads(q[None], n_head, False)[0]
+        kt, vt = split_heads(k[None], n_head_kv, True)[0], split_heads(v[None], n_head_kv, True)[0]
+        vision_ops.attention_prefix(qh, kt, vt, n_prefix, np.float32(1.0 / math.sqrt(d)), out)
         return out
 
     def kv_cache(self, n_layer: int, n_ctx: int, width: int, f16: bool) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -6,11 +6,15 @@ Attention (see CPUBackend.attention) takes q/k/v split head-major once, so no ke
 strided head slice. Short sequences (SAM's 196-token windows, CLIP's 257 tokens) run in one
 kernel, scores of four query rows at a time held in cache (attention_fused); long ones (SAM's
 global blocks) make scores a chunk of rows at a time with BLAS and softmax them here
-(softmax_relpos), so even the 4096-token attention never holds more than one chunk of one head."""
+(softmax_relpos), so even the 4096-token attention never holds more than one chunk of one head.
+
+DeepSeek-OCR 2's encoder (image tokens, then learned queries) attends with a prefix mask and
+grouped kv heads (attention_prefix): ROWS query rows at a time as attention_fused, over only
+the keys the group's last row sees."""
 import numpy as np
 from numba import njit, prange
 
-from dsocr.runtime.cpu.ops import exp_f32
+from dsocr.runtime.cpu.ops import exp_f32, exp_normalize
 
 
 @njit(cache=True, parallel=True)
@@ -186,3 +190,64 @@ def attention_fused(q, kt, vt, Rh, Rw, W, scale, out):
                 out[b, i2, col] = t2 * inv[2]
             if g0 + 3 < n:
                 out[b, i3, col] = t3 * inv[3]
+
+
+@njit(cache=True, inline="always")
+def prefix_keys(i, n_prefix):
+    # how many keys query row i sees under the prefix mask: the whole prefix, or causally up to itself
+    return n_prefix if i < n_prefix else i + 1
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def attention_prefix(q, kt, vt, n_prefix, scale, out):
+    # q [H, n, d], kt, vt [H_kv, d, n] -> out [n, H*d]: softmax(q k^T * scale) v per head, query head
+    # h reading kv head h // (H / H_kv), row i over keys [0, prefix_keys(i)). ROWS rows at a time
+    # (a last short group repeats the last row and drops it); the group's products run over the
+    # keys its last row sees, which the others' softmax zeroes past their own (prefix_keys grows
+    # with i).
+    nh, n, d = q.shape
+    per_kv = nh // kt.shape[0]
+    groups = (n + ROWS - 1) // ROWS
+    for task in prange(nh * groups):
+        h, g0 = task // groups, (task % groups) * ROWS
+        kv = h // per_kv
+        i0, i1, i2, i3 = g0, min(g0 + 1, n - 1), min(g0 + 2, n - 1), min(g0 + 3, n - 1)
+        cols = prefix_keys(i3, n_prefix)
+        s = np.zeros((ROWS, cols), np.float32)
+        s0, s1, s2, s3 = s[0], s[1], s[2], s[3]
+        for c in range(d):
+            a0, a1, a2 = q[h, i0, c] * scale, q[h, i1, c] * scale, q[h, i2, c] * scale
+            a3 = q[h, i3, c] * scale
+            kr = kt[kv, c]
+            for j in range(cols):
+                kj = kr[j]
+                s0[j] += a0 * kj
+                s1[j] += a1 * kj
+                s2[j] += a2 * kj
+                s3[j] += a3 * kj
+        for r in range(ROWS):
+            keys = prefix_keys(min(g0 + r, n - 1), n_prefix)
+            row = s[r]
+            mx = np.float32(-np.inf)
+            for j in range(keys):
+                mx = max(mx, row[j])
+            exp_normalize(row, keys, mx)
+            for j in range(keys, cols):
+                row[j] = 0.0
+        for c in range(d):
+            vr = vt[kv, c]
+            t0 = t1 = t2 = t3 = np.float32(0.0)
+            for j in range(cols):
+                vj = vr[j]
+                t0 += s0[j] * vj
+                t1 += s1[j] * vj
+                t2 += s2[j] * vj
+                t3 += s3[j] * vj
+            col = h * d + c
+            out[i0, col] = t0
+            if g0 + 1 < n:
+                out[i1, col] = t1
+            if g0 + 2 < n:
+                out[i2, col] = t2
+            if g0 + 3 < n:
+                out[i3, col] = t3

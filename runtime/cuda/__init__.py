@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dsocr.quant.layout import check_code
+from dsocr.runtime.backend import prefix_attention_head_dim
 from dsocr.runtime.errors import ModelError
 from dsocr.runtime.gguf_file import Tensor
 from dsocr.runtime.rope import rope_tables
@@ -205,6 +206,12 @@ class CUDABackend:
         scores = self.empty((m * n_head, pos0 + m))
         self.attn.attention_causal[(m, n_head), self.tpb](q, kc, vc, pos0, n_head, scores, out)
 
+    @staticmethod
+    def _score_rows(n: int, blocks_per_row: int, chunk_bytes: int) -> int:
+        """Query rows per launch of a kernel with a float32 scratch row of n scores per block, so the
+        scratch stays within chunk_bytes."""
+        return max(1, min(n, chunk_bytes // (4 * n * blocks_per_row)))
+
     def attention(self, q, k, v, n_head: int, relpos=None, *, chunk_bytes: int = 256 << 20):
         B, n, c = q.shape
         out = self.empty((B, n, c))
@@ -216,12 +223,25 @@ class CUDABackend:
             if max(H, W) > self.ops.THREADS:
                 raise ModelError(f"relative-position grid {H}x{W} is over {self.ops.THREADS} on the CUDA backend")
             Rh, Rw = self.asarray(Rh), self.asarray(Rw)
-        rows = max(1, min(n, chunk_bytes // (4 * n * n_head * B)))
+        rows = self._score_rows(n, n_head * B, chunk_bytes)
         scores = self.empty((rows * n_head * B, n))
         for r0 in range(0, n, rows):
             r = min(rows, n - r0)
             self.attn.attention_full[(r, n_head, B), self.tpb](q, k, v, n_head, Rh, Rw, H, W, relpos is not None, r0,
                                                              scores, out)
+        return out
+
+    def attention_prefix(self, q, k, v, n_head: int, n_head_kv: int, n_prefix: int, *, chunk_bytes: int = 256 << 20):
+        d = prefix_attention_head_dim(q.shape, k.shape, v.shape, n_head, n_head_kv, n_prefix)
+        if d > self.attn.HEAD_DIM_MAX:
+            raise ModelError(f"attention head width {d} is over {self.attn.HEAD_DIM_MAX} on the CUDA backend")
+        n = q.shape[0]
+        out = self.empty(q.shape)
+        rows = self._score_rows(n, n_head, chunk_bytes)
+        scores = self.empty((rows * n_head, n))
+        for r0 in range(0, n, rows):
+            self.attn.attention_prefix[(min(rows, n - r0), n_head), self.tpb](q, k, v, n_head, n_head_kv, n_prefix, r0,
+                                                                            scores, out)
         return out
 
     # ---- vision layout

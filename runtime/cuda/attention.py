@@ -7,6 +7,8 @@ from numba import cuda, float32
 
 from dsocr.runtime.cuda.ops import THREADS, softmax_numerators
 
+HEAD_DIM_MAX = 128   # attention_prefix's shared copy of a query head
+
 
 @cuda.jit
 def attention_causal(q, kc, vc, pos0, n_head, scores, out):
@@ -79,3 +81,38 @@ def attention_full(q, k, v, n_head, Rh, Rw, H, W, use_rel, row0, scores, out):
         for s in range(n):
             acc += scores[row, s] * v[bb, s, o + c]
         out[bb, qi, o + c] = acc / total
+
+
+@cuda.jit
+def attention_prefix(q, k, v, n_head, n_head_kv, n_prefix, row0, scores, out):
+    # prefix-masked grouped-query attention: block per (query row row0+i, head); q, out [n, n_head*d],
+    # k, v [n, n_head_kv*d], head h reading kv head h // (n_head / n_head_kv); row qi sees keys
+    # [0, n_prefix) when qi < n_prefix, else [0, qi]. The query head is kept scaled in shared memory
+    # (d <= HEAD_DIM_MAX); scores [rows*n_head, n] scratch
+    i, h = cuda.blockIdx.x, cuda.blockIdx.y
+    t = cuda.threadIdx.x
+    d = q.shape[1] // n_head
+    o = h * d
+    kv_col = (h // (n_head // n_head_kv)) * d     # the first column of its kv head
+    qi = row0 + i
+    n_keys = n_prefix if qi < n_prefix else qi + 1
+    row = h * cuda.gridDim.x + i
+    scale = float32(1.0) / math.sqrt(float32(d))
+    qs = cuda.shared.array(HEAD_DIM_MAX, float32)
+    part = cuda.shared.array(THREADS, float32)
+    for c in range(t, d, cuda.blockDim.x):
+        qs[c] = q[qi, o + c] * scale
+    cuda.syncthreads()
+    mx = float32(-math.inf)
+    for s in range(t, n_keys, cuda.blockDim.x):
+        acc = float32(0.0)
+        for c in range(d):
+            acc += qs[c] * k[s, kv_col + c]
+        scores[row, s] = acc
+        mx = max(mx, acc)
+    total = softmax_numerators(scores, scores, row, n_keys, mx, part, t)
+    for c in range(t, d, cuda.blockDim.x):
+        acc = float32(0.0)
+        for s in range(n_keys):
+            acc += scores[row, s] * v[s, kv_col + c]
+        out[qi, o + c] = acc / total
