@@ -53,7 +53,7 @@ class Engine:
 
     ocr() and ocr_pages() take `prompt` (any; an <image> is put first when it has none) or `task` (an
     official prompt by name: markdown, the default, free, figure, describe; see dsocr.PROMPTS), `mode`
-    (tiny, small, base, large, gundam; None: the configured views) and decoding values as keywords:
+    (DeepSeek-OCR: tiny, small, base, large, gundam; DeepSeek-OCR 2: gundam, global; None: the configured views) and decoding values as keywords:
     max_new_tokens, temperature, top_p, top_k, seed, no_repeat_ngram_size, ngram_window (None or left out:
     the configured value)."""
 
@@ -111,6 +111,7 @@ class Engine:
                                  "prompt=dsocr.PROMPTS['locate'].format('the thing'))")
             prompt = PROMPTS[task]
         text = DEFAULT_PROMPT if prompt is None else prompt
-        view, sampling = self.inference.view(mode), self.inference.sampling(**decoding)
+        view = self.inference.view(mode, layout=self.ocr_engine.layout)
+        sampling = self.inference.sampling(**decoding)
         sampling.validate()
         return lambda images: OcrRequest(images, text, view, sampling)

@@ -61,8 +61,15 @@ def device_gemm_baseline(products, peak_gflops: float) -> dict:
     return {"sgemm_s": flops / (peak_gflops * 1e9), "flops": flops, "sgemm_gflops": peak_gflops}
 
 
-def random_model(models: str | Path, lm_type: str, mmproj_type: str = "f16", which=("lm",)) -> dict[str, Path]:
-    """Full-size random-weight GGUF files of these types under `models`, written once and reused."""
+# model -> (folder with the real config.json and index, folder with a tokenizer of its special tokens)
+REAL_MODELS = {"ocr1": (REPO / "tests/fixtures/real-config", REPO / "tests/fixtures/tiny-dsocr"),
+               "ocr2": (REPO / "tests/fixtures/real-config-ocr2", REPO / "tests/fixtures/tiny-dsocr2")}
+
+
+def random_model(models: str | Path, lm_type: str, mmproj_type: str = "f16", which=("lm",),
+                 model: str = "ocr1") -> dict[str, Path]:
+    """Full-size random-weight GGUF files of these types under `models`, written once and reused
+    (random-DeepSeek-OCR-*.gguf, or random-DeepSeek-OCR-2-*.gguf for model "ocr2")."""
     from devtools.synthetic import write_random_gguf_pair
-    return write_random_gguf_pair(Path(models), lm_type, mmproj_type, REPO / "tests/fixtures/real-config",
-                                  REPO / "tests/fixtures/tiny-dsocr", which=which, progress=sys.stderr.isatty())
+    return write_random_gguf_pair(Path(models), lm_type, mmproj_type, *REAL_MODELS[model], which=which,
+                                  progress=sys.stderr.isatty())

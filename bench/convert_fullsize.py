@@ -2,10 +2,11 @@
 checkpoint with the real shapes (3.3 B parameters, 6.7 GB bf16) and random weights.
 
 The checkpoint is generated once under models/bench/fullsize-hf (shapes from the real
-config.json and all 2710 names of the real index). Each conversion runs in its own process;
+config.json and all 2710 names of the real index; --model ocr2: DeepSeek-OCR-2's 2707 under
+models/bench/fullsize-ocr2-hf, 3.4 B parameters). Each conversion runs in its own process;
 its peak RSS comes from wait4(). Target: peak RSS <= 1.5 GB.
 
-    python bench/convert_fullsize.py [--outtypes f16,q8_0,q4_k_m] [--json] [--keep]
+    python bench/convert_fullsize.py [--model ocr1|ocr2] [--outtypes f16,q8_0,q4_k_m] [--json] [--keep]
 """
 import dsocr.runtime.thread_env  # noqa: E402,F401  (first: before numpy loads OpenBLAS)
 
@@ -18,19 +19,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO  # noqa: E402  (and devtools/ on sys.path)
-
-REAL = REPO / "tests" / "fixtures" / "real-config"
-TINY = REPO / "tests" / "fixtures" / "tiny-dsocr"
+from common import REAL_MODELS, REPO  # noqa: E402  (and devtools/ on sys.path)
 
 
-def ensure_checkpoint(folder: Path) -> float:
+def ensure_checkpoint(folder: Path, model: str) -> float:
     """Generate the random full-size checkpoint if needed; returns seconds spent."""
     if (folder / "model.safetensors.index.json").is_file():
         return 0.0
     from devtools.synthetic import write_random_checkpoint
     t = time.perf_counter()
-    write_random_checkpoint(folder, REAL, TINY, seed=0)
+    write_random_checkpoint(folder, *REAL_MODELS[model], seed=0)
     return time.perf_counter() - t
 
 
@@ -47,18 +45,21 @@ def convert_child(src: Path, outdir: Path, outtype: str) -> tuple[int, float, fl
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=list(REAL_MODELS), default="ocr1",
+                    help="DeepSeek-OCR (ocr1) or DeepSeek-OCR-2 (ocr2)")
     ap.add_argument("--outtypes", default="f16,q8_0,q4_k_m")
     ap.add_argument("--models", default=str(REPO / "models" / "bench"))
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the converted files")
     args = ap.parse_args()
     models = Path(args.models)
-    src = models / "fullsize-hf"
-    gen_s = ensure_checkpoint(src)
+    prefix = "fullsize" if args.model == "ocr1" else f"fullsize-{args.model}"
+    src = models / f"{prefix}-hf"
+    gen_s = ensure_checkpoint(src, args.model)
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     results = []
     for outtype in args.outtypes.split(","):
-        outdir = models / f"fullsize-{outtype}"
+        outdir = models / f"{prefix}-{outtype}"
         shutil.rmtree(outdir, ignore_errors=True)
         rc, wall, rss = convert_child(src, outdir, outtype)
         files = {p.name: p.stat().st_size for p in outdir.glob("*.gguf")} if rc == 0 else {}

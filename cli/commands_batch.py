@@ -64,9 +64,10 @@ def cmd_batch(args) -> int:
     from dsocr.cli.models import resolve_model
     from dsocr.cli.output import compile_notice
     from dsocr.runtime.engine import OcrEngine, find_model_pair
+    from dsocr.runtime.vision import read_layout
     settings = load_settings(args.config, cli_overrides(args))
     inf = settings["inference"]
-    view, sampling, threads = checked_inference(settings)
+    inference, sampling, threads = checked_inference(settings)
     if args.workers < 1:
         raise InputError(f"--workers must be at least 1, not {args.workers}")
     if args.ray is not None and importlib.util.find_spec("ray") is None:
@@ -83,6 +84,7 @@ def cmd_batch(args) -> int:
     store = OutputFolder(outdir, documents, resume=args.resume)
     try:
         lm, mm = find_model_pair(*resolve_model(settings, progress=not args.quiet))
+        view = inference.view(layout=read_layout(mm))
         model = {"lm": {"file": lm.name, "sha256": store.sha256(lm)},
                  "mmproj": {"file": mm.name, "sha256": store.sha256(mm)}}
         store.check_model(model)

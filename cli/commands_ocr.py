@@ -15,7 +15,7 @@ from dsocr.runtime.engine import DEFAULT_PROMPT, PROMPTS
 from dsocr.runtime.errors import InputError
 from dsocr.runtime.grounding import save_outputs
 from dsocr.runtime.pdf import PAGE_SEPARATOR, page_heading
-from dsocr.runtime.preprocess import MODES, ViewConfig, candidate_grids, image_token_count
+from dsocr.runtime.preprocess import LAYOUTS, MODE_NAMES, ViewConfig, candidate_grids, image_token_count
 
 
 def _bool(v: str) -> bool:
@@ -29,7 +29,7 @@ def _bool(v: str) -> bool:
 def add_inference_flags(p: argparse.ArgumentParser) -> None:
     """Vision and decoding flags shared by `ocr` and `serve` (defaults come from config.toml)."""
     g = p.add_argument_group("vision")
-    g.add_argument("--mode", choices=list(MODES), help="view sizes, see `modes` below")
+    g.add_argument("--mode", choices=MODE_NAMES, help="view sizes, see `modes` below")
     g.add_argument("--base-size", type=int, metavar="PX", help="global view side in pixels (0: the mode's)")
     g.add_argument("--image-size", type=int, metavar="PX", help="tile side in pixels (0: the mode's)")
     g.add_argument("--crop-mode", type=_bool, metavar="true|false", help="cut tiles (unset: the mode's)")
@@ -57,15 +57,20 @@ def add_inference_flags(p: argparse.ArgumentParser) -> None:
 def modes_help() -> str:
     """What each --mode means: its views and the prompt tokens one image takes (as the context counts them)."""
     rows = []
-    for name, (base, size, crop) in MODES.items():
-        view = ViewConfig(base, size, crop)
-        whole = image_token_count(view, (1, 1))
-        if crop:
-            tiled = [image_token_count(view, grid) for grid in candidate_grids()]
-            rows.append([name, f"{base}x{base} global view + 2-9 {size}x{size} tiles",
-                         f"{min(tiled)}-{max(tiled)} tokens ({whole} when the image fits one tile)"])
-        else:
-            rows.append([name, f"{size}x{size} view, no tiles", f"{whole} tokens"])
+    for layout in LAYOUTS.values():
+        for name, (base, size, crop) in layout.modes.items():
+            view = ViewConfig(base, size, crop, layout)
+            whole = image_token_count(view, (1, 1))
+            if crop:
+                tiled = [image_token_count(view, grid) for grid in candidate_grids(layout.min_crops, layout.max_crops)]
+                rows.append([layout.model, name, f"{base}x{base} global view + {layout.min_crops}-{layout.max_crops} "
+                             f"{size}x{size} tiles", f"{min(tiled)}-{max(tiled)} tokens ({whole} when the image "
+                             "fits one tile)"])
+            else:
+                side = base if layout.nocrop_pad_to_base else size
+                rows.append([layout.model, name, f"{side}x{side} view, no tiles"
+                             + (f" (the image squashed to {size}x{size} first)" if side != size else ""),
+                             f"{whole} tokens"])
     return "modes (views, and the prompt tokens one image takes):\n" + table_text(rows, indent="  ")
 
 
@@ -118,13 +123,15 @@ def thread_count(settings) -> int | None:
 
 
 def checked_inference(settings):
-    """(view config, sampling params, threads) from flags, environment and config (their types already
-    checked by load_settings), every range checked before any work; an error names the flag (or
-    variable, or config key) the bad value came from."""
+    """(inference settings, sampling params, threads) from flags, environment and config (their types
+    already checked by load_settings), every range checked before any work; an error names the flag (or
+    variable, or config key) the bad value came from. The views depend on the model: once its mmproj is
+    known, `inference.view(layout=read_layout(mmproj))` gives them (before its weights load)."""
     inf = Inference(**settings["inference"])
-    view, sampling = inf.view(), inf.sampling()
+    inf.check_mode()
+    sampling = inf.sampling()
     sampling.validate(lambda key: settings.where("inference", key))
-    return view, sampling, thread_count(settings)
+    return inf, sampling, thread_count(settings)
 
 
 def writable_dir(path: Path) -> Path:
@@ -203,16 +210,18 @@ def cmd_ocr(args) -> int:
     from dsocr.cli.models import resolve_model
     from dsocr.engine import Engine
     from dsocr.result import OcrResult
-    from dsocr.runtime.engine import OcrRequest
+    from dsocr.runtime.engine import OcrRequest, find_model_pair
     from dsocr.runtime.generate import GenerationResult
+    from dsocr.runtime.vision import read_layout
     settings = load_settings(args.config, cli_overrides(args))
-    view, sampling, _ = checked_inference(settings)
+    inference, sampling, _ = checked_inference(settings)
     prompt = chosen_prompt(args)
     inputs = list(args.inputs) + list(args.image)
     with run_requests(inputs, args.pages, settings["inference"]["max_pixels"]) as requests:
         outdir = writable_dir(Path(args.output_dir)) if args.output_dir else None
         outputs = RunOutputs(outdir) if outdir else None
         lm, mm = resolve_model(settings, progress=not args.quiet)
+        view = inference.view(layout=read_layout(find_model_pair(lm, mm)[1]))
         results = []
         with compile_notice(enabled=not args.quiet):
             engine = Engine(settings, lm, mm).ocr_engine

@@ -1,4 +1,4 @@
-"""A Hugging Face checkpoint folder in the layout of deepseek-ai/DeepSeek-OCR, read lazily.
+"""A Hugging Face checkpoint folder in the layout of deepseek-ai/DeepSeek-OCR (or -OCR-2), read lazily.
 
 Safetensors files are parsed from their header and read with positioned reads, a block of
 rows at a time, so converting a 6.7 GB checkpoint never holds more than one block of one
@@ -20,6 +20,7 @@ class ConvertError(Exception):
     """A problem with the user's input or output, reported as one line."""
 
 
+ARCHITECTURES = ("DeepseekOCRForCausalLM", "DeepseekOCR2ForCausalLM")   # DeepSeek-OCR, DeepSeek-OCR 2
 _DTYPES = {"BF16": 2, "F16": 2, "F32": 4}
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -109,7 +110,7 @@ class SafetensorsFile:
 
 
 class Checkpoint:
-    """config.json + tokenizer files + safetensors shards of one DeepSeek-OCR checkpoint."""
+    """config.json + tokenizer files + safetensors shards of one DeepSeek-OCR (or -OCR-2) checkpoint."""
 
     def __init__(self, folder: Path | str):
         self.folder = Path(folder)
@@ -117,9 +118,9 @@ class Checkpoint:
             raise ConvertError(f"{self.folder}: no such checkpoint folder")
         self.config = self._read_json("config.json")
         archs = self.config.get("architectures") or [self.config.get("model_type", "?")]
-        if "DeepseekOCRForCausalLM" not in archs:
+        if not set(ARCHITECTURES) & set(map(str, archs)):
             raise ConvertError(f"{self.folder / 'config.json'}: architecture {', '.join(map(str, archs))} "
-                               "is not DeepSeek-OCR (DeepseekOCRForCausalLM)")
+                               f"is not DeepSeek-OCR ({' or '.join(ARCHITECTURES)})")
         if not (self.folder / "tokenizer.json").is_file():
             raise ConvertError(f"{self.folder}: tokenizer.json is missing")
         self.files = self._shard_files()

@@ -1,9 +1,11 @@
 """DeepSeek-OCR's two GGUF files as llama.cpp's convert_hf_to_gguf.py lays them out.
 
 The language model goes to `general.architecture = deepseek2-ocr`, the vision tower and
-projector to an mmproj (`clip`, projector `deepseekocr`). Names come from gguf's own
-TensorNameMap, keys from gguf.constants, tensor order is llama.cpp's (each shard's names
-sorted, routed experts merged into 3-D tensors where their last piece is reached).
+projector to an mmproj (`clip`, projector `deepseekocr`, or `deepseekocr2` for DeepSeek-OCR 2,
+whose language model is laid out as DeepSeek-OCR's). Names come from gguf's own TensorNameMap
+(DeepSeek-OCR 2's Qwen2 encoder: from one table here where the installed gguf lacks them), keys from
+gguf.constants, tensor order is llama.cpp's (each shard's names sorted, routed experts merged into
+3-D tensors where their last piece is reached).
 
 llama.cpp writes no key for some vision settings its C++ hard-codes; those go under
 `dsocr.vision.*` so a runtime need not guess, and a file without them still loads with the
@@ -24,13 +26,17 @@ from dsocr.convert.policy import OutType, lm_tensor_type, mmproj_tensor_type
 from dsocr.runtime.language import LMParams
 from dsocr.runtime.tensor_specs import (Shape, as_number, lm_params_problem, lm_shapes, resolve_widths,
                                         shape_problem, vision_params_problem, vision_shapes)
-from dsocr.runtime.vision import VisionParams
+from dsocr.runtime.vision import (KEY_ENCODER_ROPE_THETA, KEY_VISION_HEAD_COUNT_KV, PROJECTOR_OCR2,
+                                  QWEN2_ROPE_THETA, VisionParams, ocr2_queries)
 
-# Vision settings the reference code hard-codes (the tiny config writes some of them)
+# Vision settings the reference code hard-codes (the tiny configs write some of them); the second
+# encoder's are under its vision_config.width entry: CLIP-L (DeepSeek-OCR) or Qwen2 (DeepSeek-OCR 2)
 REAL_SAM = dict(width=768, layers=12, heads=12, global_attn_indexes=[2, 5, 8, 11], out_chans=256,
                 downsample_channels=[512, 1024], window_size=14, mlp_ratio=4, patch_size=16, image_size=1024)
 REAL_CLIP = dict(width=1024, layers=24, heads=16, ffn_hidden_size=4096, image_size=224, patch_size=14)
-BASE_SIZE, TILE_SIZE = 1024, 640
+REAL_QWEN2 = dict(dim=896, layers=24, heads=14, kv_heads=2, intermediate_size=4864, rms_norm_eps=1e-6,
+                  rope_theta=QWEN2_ROPE_THETA)    # build_qwen2_decoder_as_encoder()'s defaults
+CLIP_ENTRY, QWEN2_ENTRY = "clip-l-14-224", "qwen2-0-5b"
 PLAIN_CHAT_TEMPLATE = "{% for m in messages %}{{m['content']}}{% endfor %}"
 
 KEY_SAM_GLOBAL_ATTN = "dsocr.vision.sam.global_attn_indexes"
@@ -39,6 +45,16 @@ KEY_SAM_PATCH_SIZE = "dsocr.vision.sam.patch_size"
 KEY_CLIP_LN_EPS = "dsocr.vision.clip.layer_norm_epsilon"
 KEY_BASE_SIZE = "dsocr.vision.base_size"
 KEY_TILE_SIZE = "dsocr.vision.tile_size"
+
+# DeepSeek-OCR 2's Qwen2 encoder as llama.cpp names it (gguf-py's tensor_mapping.py maps these since
+# after the PyPI gguf 0.19.0 this project installs; used where gguf's TensorNameMap knows no name)
+_QWEN2_LAYER = re.compile(r"model\.qwen2_model\.model\.model\.layers\.(\d+)\.([\w.]+)\.(weight|bias)$")
+_QWEN2_LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                      "self_attn.o_proj": "attn_out", "input_layernorm": "ln1", "post_attention_layernorm": "ln2",
+                      "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+_QWEN2_NAMES = {"model.qwen2_model.model.model.norm.weight": "v.post_ln.weight",
+                "model.qwen2_model.query_768.weight": "v.resample_query_768.weight",
+                "model.qwen2_model.query_1024.weight": "v.resample_query_1024.weight"}
 
 _LM_PREFIXES = ("lm_head.", "model.embed_tokens.", "model.layers.", "model.norm.")
 
@@ -58,11 +74,19 @@ def lm_hparams(config: dict) -> dict:
     return c
 
 
+def is_ocr2(config: dict) -> bool:
+    """DeepSeek-OCR 2: its vision config is the deepencoderv2 (SAM, then a Qwen2 encoder)."""
+    vision = config.get("vision_config", {})
+    return vision.get("model_name") == "deepencoderv2" or QWEN2_ENTRY in vision.get("width", {})
+
+
 def vision_hparams(config: dict) -> tuple[dict, dict]:
+    """SAM's settings and the second encoder's (CLIP-L's, or DeepSeek-OCR 2's Qwen2's), over the real defaults."""
     widths = config.get("vision_config", {}).get("width", {})
     sam = {**REAL_SAM, **widths.get("sam_vit_b", {})}
-    clip = {**REAL_CLIP, **widths.get("clip-l-14-224", {})}
-    return sam, clip
+    if is_ocr2(config):
+        return sam, {**REAL_QWEN2, **widths.get(QWEN2_ENTRY, {})}
+    return sam, {**REAL_CLIP, **widths.get(CLIP_ENTRY, {})}
 
 
 def _setting(ckpt: Checkpoint, what: str, value, kind=int):
@@ -104,15 +128,24 @@ def lm_params(ckpt: Checkpoint) -> LMParams:
 
 def vision_params(ckpt: Checkpoint) -> VisionParams:
     """The vision settings as the runtime reads them from the mmproj, refused unless they make sense."""
-    sam, clip = vision_hparams(ckpt.config)
-    s, c = _settings(ckpt, sam, "sam_vit_b "), _settings(ckpt, clip, "clip-l-14-224 ")
+    sam, enc = vision_hparams(ckpt.config)
+    s = _settings(ckpt, sam, "sam_vit_b ")
     glob = sam["global_attn_indexes"]
-    p = VisionParams(sam_layers=s("layers"), sam_width=s("width"), sam_heads=s("heads"),
-                     sam_global=tuple(_setting(ckpt, "sam_vit_b global_attn_indexes", i)
-                                      for i in (glob if isinstance(glob, list) else [glob])),
-                     window=s("window_size"), sam_patch=s("patch_size"), sam_image=s("image_size"),
-                     clip_layers=c("layers"), clip_width=c("width"), clip_heads=c("heads"), clip_image=c("image_size"),
-                     clip_patch=c("patch_size"), clip_eps=1e-5, sam_eps=1e-6, n_embd=lm_params(ckpt).n_embd)
+    common = dict(sam_layers=s("layers"), sam_width=s("width"), sam_heads=s("heads"),
+                  sam_global=tuple(_setting(ckpt, "sam_vit_b global_attn_indexes", i)
+                                   for i in (glob if isinstance(glob, list) else [glob])),
+                  window=s("window_size"), sam_patch=s("patch_size"), sam_image=s("image_size"), sam_eps=1e-6,
+                  n_embd=lm_params(ckpt).n_embd)
+    if is_ocr2(ckpt.config):
+        e = _settings(ckpt, enc, QWEN2_ENTRY + " ")
+        p = VisionParams(projector=PROJECTOR_OCR2, **common, enc_layers=e("layers"), enc_width=e("dim"),
+                         enc_heads=e("heads"), enc_eps=e("rms_norm_eps", kind=float), enc_heads_kv=e("kv_heads"),
+                         enc_rope_theta=e("rope_theta", kind=float), queries=ocr2_queries(common["sam_patch"]))
+    else:
+        c = _settings(ckpt, enc, CLIP_ENTRY + " ")
+        p = VisionParams(projector=gguf.VisionProjectorType.DEEPSEEKOCR, **common, enc_layers=c("layers"),
+                         enc_width=c("width"), enc_heads=c("heads"), enc_eps=1e-5, clip_image=c("image_size"),
+                         clip_patch=c("patch_size"))
     _refuse_problem(ckpt, vision_params_problem(p, len(ckpt.tensors)))
     return p
 
@@ -166,9 +199,16 @@ def plan_lm(ckpt: Checkpoint, out: OutType) -> list[OutTensor]:
     return plan
 
 
+def _qwen2_encoder_name(hf: str) -> str | None:
+    m = _QWEN2_LAYER.match(hf)
+    if m and m.group(2) in _QWEN2_LAYER_NAMES:
+        return f"v.blk.{m.group(1)}.{_QWEN2_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    return _QWEN2_NAMES.get(hf)
+
+
 def plan_mmproj(ckpt: Checkpoint, out: OutType) -> list[OutTensor]:
     p = vision_params(ckpt)
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, max(p.sam_layers, p.clip_layers))
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, max(p.sam_layers, p.enc_layers))
     plan: list[OutTensor] = []
     unknown = []
     for hf in ckpt.ordered_names():
@@ -177,6 +217,8 @@ def plan_mmproj(ckpt: Checkpoint, out: OutType) -> list[OutTensor]:
         entry = ckpt.tensors[hf]
         key = hf + ".weight" if hf.endswith(("pos_embed", "rel_pos_h", "rel_pos_w")) else hf
         name = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None and p.projector == PROJECTOR_OCR2:
+            name = _qwen2_encoder_name(hf)
         if name is None:
             unknown.append(hf)
             continue
@@ -296,38 +338,50 @@ def write_tokenizer(ckpt: Checkpoint, writer: gguf.GGUFWriter, vocab_size: int) 
 
 
 def write_mmproj_keys(ckpt: Checkpoint, writer: gguf.GGUFWriter, out: OutType, name: str | None) -> None:
-    _, clip = vision_hparams(ckpt.config)
+    """llama.cpp's keys, in its order, then the dsocr.vision.* ones."""
+    _, enc = vision_hparams(ckpt.config)
     p = vision_params(ckpt)
+    ocr2 = p.projector == PROJECTOR_OCR2
     proc = ckpt.optional_json("processor_config.json")
     _metadata(ckpt, writer, name, gguf.GGUFType.MMPROJ)
     writer.add_file_type(out.ftype)
     writer.add_bool(Keys.Clip.HAS_VISION_ENCODER, True)
     writer.add_vision_projection_dim(p.n_embd)
-    writer.add_vision_image_size(p.clip_image)
-    writer.add_vision_patch_size(p.clip_patch)
-    writer.add_vision_embedding_length(p.clip_width)
-    writer.add_vision_feed_forward_length(_setting(ckpt, "clip-l-14-224 ffn_hidden_size", clip["ffn_hidden_size"]))
-    writer.add_vision_block_count(p.clip_layers)
-    writer.add_vision_head_count(p.clip_heads)
+    # llama.cpp's C++ overrides DeepSeek-OCR 2's image/patch size with SAM's
+    writer.add_vision_image_size(p.sam_image if ocr2 else p.clip_image)
+    writer.add_vision_patch_size(p.sam_patch if ocr2 else p.clip_patch)
+    writer.add_vision_embedding_length(p.enc_width)
+    entry, ffn = (QWEN2_ENTRY, "intermediate_size") if ocr2 else (CLIP_ENTRY, "ffn_hidden_size")
+    writer.add_vision_feed_forward_length(_setting(ckpt, f"{entry} {ffn}", enc[ffn]))
+    writer.add_vision_block_count(p.enc_layers)
+    writer.add_vision_head_count(p.enc_heads)
     writer.add_vision_image_mean(proc.get("image_mean", [0.5, 0.5, 0.5]))
     writer.add_vision_image_std(proc.get("image_std", [0.5, 0.5, 0.5]))
-    writer.add_clip_projector_type(gguf.VisionProjectorType.DEEPSEEKOCR)
-    writer.add_vision_attention_layernorm_eps(p.sam_eps)
+    writer.add_clip_projector_type(p.projector)
+    # the norms' epsilon the C++ reads: the Qwen2 encoder's (v2), SAM's (v1; CLIP's goes under dsocr.vision)
+    writer.add_vision_attention_layernorm_eps(p.enc_eps if ocr2 else p.sam_eps)
     writer.add_vision_use_gelu(True)
-    writer.add_vision_projector_scale_factor(1)
+    if not ocr2:
+        writer.add_vision_projector_scale_factor(1)
     writer.add_vision_window_size(p.window)
-    writer.add_vision_preproc_min_tiles(2)
-    writer.add_vision_preproc_max_tiles(9)
+    writer.add_vision_preproc_min_tiles(p.layout.min_crops)
+    writer.add_vision_preproc_max_tiles(p.layout.max_crops)
     writer.add_vision_sam_layers_count(p.sam_layers)
     writer.add_vision_sam_embedding_length(p.sam_width)
     writer.add_vision_sam_head_count(p.sam_heads)
+    if ocr2:
+        writer.add_uint32(KEY_VISION_HEAD_COUNT_KV, p.enc_heads_kv)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_array(KEY_SAM_GLOBAL_ATTN, list(p.sam_global))
     writer.add_uint32(KEY_SAM_IMAGE_SIZE, p.sam_image)
     writer.add_uint32(KEY_SAM_PATCH_SIZE, p.sam_patch)
-    writer.add_float32(KEY_CLIP_LN_EPS, p.clip_eps)
-    writer.add_uint32(KEY_BASE_SIZE, BASE_SIZE)
-    writer.add_uint32(KEY_TILE_SIZE, TILE_SIZE)
+    if ocr2:
+        writer.add_float32(KEY_ENCODER_ROPE_THETA, p.enc_rope_theta)
+    else:
+        writer.add_float32(KEY_CLIP_LN_EPS, p.enc_eps)
+    base, tile, _ = p.layout.modes["gundam"]     # crop mode's global view and tiles
+    writer.add_uint32(KEY_BASE_SIZE, base)
+    writer.add_uint32(KEY_TILE_SIZE, tile)
 
 
 def default_name(ckpt: Checkpoint) -> str:

@@ -3,7 +3,7 @@
 * Which tensors stay float32: convert_hf_to_gguf.py's rules (1-D tensors, norms, the MoE
   router, names not ending in ".weight"; for the mmproj also DeepseekOCRVisionModel's
   position tables, relative-position tables, neck and net_* convs, and the patch
-  embeddings at F16 only in an F16 file).
+  embeddings and DeepSeek-OCR 2's learned query tables at F16 only in an F16 file).
 * Single output types (f16, q8_0, q4_k, ...) put every other tensor in that type, as
   convert_hf_to_gguf.py --outtype and llama-quantize --pure do.
 * The q4_k_m / q5_k_m mixes follow llama-quantize's llama_tensor_get_type for this
@@ -45,6 +45,9 @@ _FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
 
 _MMPROJ_F32 = re.compile(r"^v\.(class_embd|patch_embd|position_embd|sam\.pos_embd|sam\.neck\.|sam\.net_)"
                          r"|\.attn\.pos_[hw]\.")
+# F16 where llama.cpp's F16 file has them, never quantized: SAM's patch conv, and the query tables,
+# which are the encoder's input rows (llama.cpp casts them to the activations' type)
+_MMPROJ_F16_ONLY = re.compile(r"^v\.(sam\.patch_embd|resample_query_\d+)\.weight$")
 
 
 def fits(qtype: QT, row_length: int) -> bool:
@@ -108,7 +111,7 @@ def lm_tensor_type(name: str, shape: tuple[int, ...], out: OutType, n_layer: int
 def mmproj_tensor_type(name: str, shape: tuple[int, ...], out: OutType) -> tuple[QT, QT | None]:
     if _stays_f32(name, shape) or _MMPROJ_F32.search(name):
         return QT.F32, None
-    if name == "v.sam.patch_embd.weight":
+    if _MMPROJ_F16_ONLY.match(name):
         return (QT.F16 if out.base == QT.F16 else QT.F32), None
     got = fallback(out.base, shape[-1])
     return got, (out.base if got != out.base else None)

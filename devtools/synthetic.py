@@ -1,9 +1,10 @@
-"""Random-weight checkpoints in the exact layout of deepseek-ai/DeepSeek-OCR, for measuring
-conversion and inference at full size where the real weights cannot be downloaded.
+"""Random-weight checkpoints in the exact layout of deepseek-ai/DeepSeek-OCR or DeepSeek-OCR-2, for
+measuring conversion and inference at full size where the real weights cannot be downloaded.
 
-Shapes follow from config.json and the tensor names (the real index lists all 2710); values
-follow the tiny fixture's recipe: N(0, 1/fan_in) for linear and conv weights, 1 + 0.1 N for
-norm weights, small biases, N(0, 1) embeddings, 0.5 N position tables; stored as bf16.
+Shapes follow from config.json and the tensor names (the real indexes list all 2710 / 2707), with the
+real sizes the reference code hard-codes where the config lacks them (convert.deepseek_ocr's REAL_*);
+values follow the tiny fixtures' recipe: N(0, 1/fan_in) for linear and conv weights, 1 + 0.1 N for
+norm weights, small biases, N(0, 1) embeddings and query tables, 0.5 N position tables; stored as bf16.
 """
 from __future__ import annotations
 
@@ -16,16 +17,50 @@ from pathlib import Path
 
 import numpy as np
 
-from dsocr.convert.deepseek_ocr import lm_hparams, vision_hparams
+from dsocr.convert.deepseek_ocr import is_ocr2, lm_hparams, vision_hparams
+from dsocr.runtime.vision import ocr2_queries
+
+
+def _encoder_shapes(config: dict) -> tuple[int, int, dict[str, tuple[int, ...]]]:
+    """(width, projector input width, shapes) of the encoder after SAM: CLIP-L, or OCR 2's Qwen2."""
+    sam, enc = vision_hparams(config)
+    if is_ocr2(config):
+        C, ff = enc["dim"], enc["intermediate_size"]
+        kv = C // enc["heads"] * enc["kv_heads"]
+        b = "model.qwen2_model.model.model.layers.N."
+        shapes = {b + "input_layernorm.weight": (C,), b + "post_attention_layernorm.weight": (C,),
+                  b + "self_attn.q_proj.weight": (C, C), b + "self_attn.q_proj.bias": (C,),
+                  b + "self_attn.k_proj.weight": (kv, C), b + "self_attn.k_proj.bias": (kv,),
+                  b + "self_attn.v_proj.weight": (kv, C), b + "self_attn.v_proj.bias": (kv,),
+                  b + "self_attn.o_proj.weight": (C, C), b + "mlp.gate_proj.weight": (ff, C),
+                  b + "mlp.up_proj.weight": (ff, C), b + "mlp.down_proj.weight": (C, ff),
+                  "model.qwen2_model.model.model.norm.weight": (C,)}
+        shapes |= {f"model.qwen2_model.query_{size}.weight": (rows, C)
+                   for size, rows in ocr2_queries(sam["patch_size"]).items()}
+        return C, C, shapes
+    C, ff = enc["width"], enc["ffn_hidden_size"]
+    b = "model.vision_model.transformer.layers.N."
+    shapes = {"model.vision_model.embeddings.class_embedding": (C,),
+              "model.vision_model.embeddings.patch_embedding.weight": (C, 3, enc["patch_size"], enc["patch_size"]),
+              "model.vision_model.embeddings.position_embedding.weight":
+                  ((enc["image_size"] // enc["patch_size"]) ** 2 + 1, C),
+              "model.vision_model.pre_layrnorm.weight": (C,), "model.vision_model.pre_layrnorm.bias": (C,),
+              b + "layer_norm1.weight": (C,), b + "layer_norm1.bias": (C,), b + "layer_norm2.weight": (C,),
+              b + "layer_norm2.bias": (C,), b + "self_attn.qkv_proj.weight": (3 * C, C),
+              b + "self_attn.qkv_proj.bias": (3 * C,), b + "self_attn.out_proj.weight": (C, C),
+              b + "self_attn.out_proj.bias": (C,), b + "mlp.fc1.weight": (ff, C), b + "mlp.fc1.bias": (ff,),
+              b + "mlp.fc2.weight": (C, ff), b + "mlp.fc2.bias": (C,)}
+    return C, 2 * C, shapes     # the projector reads CLIP's and SAM's rows side by side
 
 
 def tensor_shape(name: str, config: dict) -> tuple[int, ...]:
-    """The shape of one HF tensor of DeepSeek-OCR under `config`."""
+    """The shape of one HF tensor of DeepSeek-OCR (or -OCR-2) under `config`."""
     hp = lm_hparams(config)
-    sam, clip = vision_hparams(config)
+    sam, _ = vision_hparams(config)
+    Ce, proj_in, encoder = _encoder_shapes(config)
     proj = config.get("projector_config", {})
     H, V = hp["hidden_size"], hp["vocab_size"]
-    Cs, Cc = sam["width"], clip["width"]
+    Cs = sam["width"]
     hd = Cs // sam["heads"]
     grid = sam["image_size"] // sam["patch_size"]
     shared = hp["moe_intermediate_size"] * hp["n_shared_experts"]
@@ -46,7 +81,7 @@ def tensor_shape(name: str, config: dict) -> tuple[int, ...]:
         "model.layers.N.mlp.shared_experts.up_proj.weight": (shared, H),
         "model.layers.N.mlp.shared_experts.down_proj.weight": (H, shared),
         "model.image_newline": (H,), "model.view_seperator": (H,),
-        "model.projector.layers.weight": (proj.get("n_embed", H), proj.get("input_dim", Cc + sam["downsample_channels"][-1])),
+        "model.projector.layers.weight": (proj.get("n_embed", H), proj.get("input_dim", proj_in)),
         "model.projector.layers.bias": (proj.get("n_embed", H),),
         "model.sam_model.pos_embed": (1, grid, grid, Cs),
         "model.sam_model.patch_embed.proj.weight": (Cs, 3, sam["patch_size"], sam["patch_size"]),
@@ -64,11 +99,9 @@ def tensor_shape(name: str, config: dict) -> tuple[int, ...]:
         "model.sam_model.neck.2.weight": (sam["out_chans"], sam["out_chans"], 3, 3),
         "model.sam_model.neck.3.weight": (sam["out_chans"],), "model.sam_model.neck.3.bias": (sam["out_chans"],),
         "model.sam_model.net_2.weight": (sam["downsample_channels"][0], sam["out_chans"], 3, 3),
-        "model.sam_model.net_3.weight": (sam["downsample_channels"][1], sam["downsample_channels"][0], 3, 3),
-        "model.vision_model.embeddings.class_embedding": (Cc,),
-        "model.vision_model.embeddings.patch_embedding.weight": (Cc, 3, clip["patch_size"], clip["patch_size"]),
-        "model.vision_model.embeddings.position_embedding.weight": ((clip["image_size"] // clip["patch_size"]) ** 2 + 1, Cc),
-        "model.vision_model.pre_layrnorm.weight": (Cc,), "model.vision_model.pre_layrnorm.bias": (Cc,),
+        # net_3 projects to the next encoder's width (OCR 2's config says 1024 for the 896 its code builds)
+        "model.sam_model.net_3.weight": (Ce, sam["downsample_channels"][0], 3, 3),
+        **encoder,
     }
     if n in fixed:
         return fixed[n]
@@ -76,17 +109,6 @@ def tensor_shape(name: str, config: dict) -> tuple[int, ...]:
     if m:
         size = grid if int(m.group(1)) in sam["global_attn_indexes"] else sam["window_size"]
         return (2 * size - 1, hd)
-    m = re.match(r"model\.vision_model\.transformer\.layers\.N\.(\w+)\.(\w+)\.?(\w*)$", n)
-    if m:
-        part = n.split("layers.N.", 1)[1]
-        clip_shapes = {"layer_norm1.weight": (Cc,), "layer_norm1.bias": (Cc,), "layer_norm2.weight": (Cc,),
-                       "layer_norm2.bias": (Cc,), "self_attn.qkv_proj.weight": (3 * Cc, Cc),
-                       "self_attn.qkv_proj.bias": (3 * Cc,), "self_attn.out_proj.weight": (Cc, Cc),
-                       "self_attn.out_proj.bias": (Cc,), "mlp.fc1.weight": (clip["ffn_hidden_size"], Cc),
-                       "mlp.fc1.bias": (clip["ffn_hidden_size"],), "mlp.fc2.weight": (Cc, clip["ffn_hidden_size"]),
-                       "mlp.fc2.bias": (Cc,)}
-        if part in clip_shapes:
-            return clip_shapes[part]
     raise KeyError(f"no shape rule for {name}")
 
 
@@ -96,7 +118,7 @@ def _init(name: str, shape: tuple[int, ...]) -> tuple[float, float]:
         return 1.0, 0.1
     if name.endswith(".bias"):
         return 0.0, 0.02
-    if re.search(r"(embed_tokens\.weight|class_embedding|image_newline|view_seperator)$", name):
+    if re.search(r"(embed_tokens\.weight|class_embedding|image_newline|view_seperator|query_\d+\.weight)$", name):
         return 0.0, 1.0
     if re.search(r"(pos_embed|position_embedding\.weight|rel_pos_[hw])$", name):
         return 0.0, 0.5
@@ -193,19 +215,20 @@ class RandomCheckpoint:
 def write_random_gguf_pair(outdir: Path, outtype: str, mmproj_outtype: str, config_folder: Path,
                            tokenizer_folder: Path, which=("lm", "mmproj"), seed: int = 0,
                            progress: bool = True) -> dict[str, Path]:
-    """Full-size random-weight GGUF files written directly (cached: existing files are kept)."""
-    from dsocr.convert import deepseek_ocr as dso
+    """Full-size random-weight GGUF files written directly (cached: existing files are kept), named after the
+    config's model: random-DeepSeek-OCR-Q8_0.gguf, mmproj-random-DeepSeek-OCR-2-F16.gguf, ..."""
+    from dsocr.convert import deepseek_ocr as dso, output_names
     from dsocr.convert.gguf_out import write_gguf
     from dsocr.convert.policy import LM_OUTTYPES, MMPROJ_OUTTYPES
     outdir = Path(outdir)
     ckpt = RandomCheckpoint(config_folder, tokenizer_folder, outdir / "random-src", seed)
+    name = "random-" + dso.default_name(ckpt)
     lm_out, mm_out = LM_OUTTYPES[outtype], MMPROJ_OUTTYPES[mmproj_outtype]
-    paths = {"lm": outdir / f"random-DeepSeek-OCR-{outtype.upper()}.gguf",
-             "mmproj": outdir / f"mmproj-random-DeepSeek-OCR-{mmproj_outtype.upper()}.gguf"}
+    paths = dict(zip(("lm", "mmproj"), (outdir / n for n in output_names(name, outtype, mmproj_outtype))))
     if "lm" in which and not paths["lm"].exists():
         write_gguf(paths["lm"], dso.LM_ARCH, dso.plan_lm(ckpt, lm_out),
-                   lambda w: dso.write_lm_keys(ckpt, w, lm_out, "random-DeepSeek-OCR"), progress=progress)
+                   lambda w: dso.write_lm_keys(ckpt, w, lm_out, name), progress=progress)
     if "mmproj" in which and not paths["mmproj"].exists():
         write_gguf(paths["mmproj"], dso.MMPROJ_ARCH, dso.plan_mmproj(ckpt, mm_out),
-                   lambda w: dso.write_mmproj_keys(ckpt, w, mm_out, "random-DeepSeek-OCR"), progress=progress)
+                   lambda w: dso.write_mmproj_keys(ckpt, w, mm_out, name), progress=progress)
     return {k: v for k, v in paths.items() if k in which}

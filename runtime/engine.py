@@ -37,9 +37,6 @@ PROMPTS = {
     "locate": "<image>\nLocate <|ref|>{}<|/ref|> in the image.",
 }
 DEFAULT_PROMPT = PROMPTS["markdown"]
-# The smallest view SAM and CLIP take (one 64-px feature cell): a blank page this size runs every
-# kernel a real request does, in a fraction of a second once they are compiled.
-WARM_UP_VIEW = ViewConfig(64, 64, crop_mode=False)
 
 
 def find_model_pair(model: str | Path, mmproj: str | Path | None = None) -> tuple[Path, Path]:
@@ -112,6 +109,7 @@ class OcrEngine:
         if self.vision.p.n_embd != self.lm.p.n_embd:
             raise ModelError(f"{mm_path.name} projects to width {self.vision.p.n_embd} but {lm_path.name} "
                              f"has width {self.lm.p.n_embd}: not a matching pair")
+        self.layout = self.vision.p.layout          # which model's views and token layout (preprocess.Layout)
         self.tokenizer = TextTokenizer.from_gguf(lm_file)
         self.image_id = self.tokenizer.token_id(IMAGE_TOKEN)
         self.scheduler = Scheduler(self.lm, self.tokenizer, parallel)
@@ -120,10 +118,12 @@ class OcrEngine:
         """The prompt's token count, each <image> expanded to what an image of that (width, height) takes
         under `view`; refuses a prompt that leaves no room for one new token. Only the text is tokenized,
         so this is cheap enough to run before any pixel work."""
+        if view.layout is not self.layout:
+            raise InputError(f"views of {view.layout.model} asked of {self.layout.model}")
         view.validate()
         prompt = normalize_prompt(prompt, len(image_sizes))
         counts = [image_token_count(view, view_grid(w, h, view)) for w, h in image_sizes]
-        n = len(layout_prompt_ids(self.tokenizer, prompt, counts, IMAGE_TOKEN)[0])
+        n = len(layout_prompt_ids(self.tokenizer, prompt, counts, self.layout, IMAGE_TOKEN)[0])
         n_ctx = self.lm.p.n_ctx_train
         if n + 1 > n_ctx:
             raise InputError(f"the prompt is {n} tokens; the model's context is {n_ctx} "
@@ -155,7 +155,7 @@ class OcrEngine:
         prompt = normalize_prompt(req.prompt, len(req.images))
         prepared = [prepare_image(img, req.view) for img in req.images]
         req = None                       # its pixels go now (a server's caller keeps no other reference)
-        ids, is_image = build_prompt_ids(self.tokenizer, prompt, prepared, IMAGE_TOKEN)
+        ids, is_image = build_prompt_ids(self.tokenizer, prompt, prepared, self.layout, IMAGE_TOKEN)
         t1 = time.perf_counter()
         rows = []
         for p in prepared:
@@ -173,15 +173,15 @@ class OcrEngine:
         return self.scheduler.stream(self.submit(req, result, cancelled=cancelled, progress=progress))
 
     def warm_up(self) -> None:
-        """Runs every kernel once (vision, prefill, and a decode step of two sequences) on a
-        blank page, so numba compiles them, or loads them from its cache, before a real request has to
-        wait for it. The decode steps feed a fixed token: through the scheduler an end-of-text first
+        """Runs every kernel once (the vision tower on its smallest view, prefill, and a decode step of
+        two sequences), so numba compiles them, or loads them from its cache, before a real request has
+        to wait for it. The decode steps feed a fixed token: through the scheduler an end-of-text first
         token would skip them."""
         self.backend.warm_up()
-        page = Image.new("RGB", (WARM_UP_VIEW.image_size, WARM_UP_VIEW.image_size), "white")
-        embeds, ids = self.prepare(OcrRequest([page], DEFAULT_PROMPT, WARM_UP_VIEW), {})
+        self.vision.warm_up()
+        ids = [self.tokenizer.bos_id] + self.tokenizer.encode(DEFAULT_PROMPT.replace(IMAGE_TOKEN, ""))
         cache = self.lm.new_cache(len(ids) + 2)
-        self.backend.to_host(self.lm.forward(self.backend.asarray(embeds), 0, cache))
+        self.backend.to_host(self.lm.forward(self.lm.embed(ids), 0, cache))
         step = self.lm.embed([self.tokenizer.bos_id] * 2)    # a batch's decode step
         self.backend.to_host(self.lm.forward_batch(step, [Segment(0, 1, len(ids), cache),
                                                           Segment(1, 1, len(ids) + 1, cache)]))

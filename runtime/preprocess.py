@@ -1,13 +1,18 @@
-"""Image -> normalised views and prompt layout, exactly as DeepSeek-OCR's reference `infer` does it.
+"""Image -> normalised views and prompt layout, exactly as each model's reference code does it.
 
+The projector type of the mmproj picks the Layout: DeepSeek-OCR (`deepseekocr`, its `infer`) or
+DeepSeek-OCR 2 (`deepseekocr2`, its vLLM `image_process.py`). Both:
 * EXIF transpose, RGB.
-* Crop mode (gundam): 640-px tiles when a side exceeds 640, on the grid the reference picks
-  (candidates w*h in [2, 9] ordered as Python's sorted() leaves them; closest aspect ratio;
-  on an exact tie the later candidate wins only if the image area exceeds half the grid's);
-  the global view is ImageOps.pad to base_size (aspect kept, bicubic, gray 127).
-* Without crop mode: image_size <= 640 is resized straight to a square (aspect not kept),
-  larger sizes are padded like the global view.
+* Crop mode (gundam): tiles of the layout's side when a side of the image exceeds it, on the grid the
+  reference picks (candidates w*h in [min_crops, max_crops] ordered as Python's sorted() leaves
+  them; closest aspect ratio; on an exact tie the later candidate wins only if the image area exceeds
+  half the grid's); the image is resized to the grid (bicubic, aspect not kept) and cut row-major; the
+  global view is ImageOps.pad to base_size (aspect kept, bicubic, gray 127, offset rounded half to even).
+* Without crop mode: an image_size no larger than a tile is resized straight to a square (aspect not
+  kept), then padded: to image_size (v1), to base_size (v2, so its 768 square is scaled up to 1024).
 * Pixels: x/255, (x - 0.5)/0.5 in float32, then rounded to bfloat16 as the reference does.
+The token layout per view: v1 merges the tiles into one feature grid and ends each grid row with
+image_newline; v2 keeps each view's rows as its encoder orders them, with no newline.
 """
 from __future__ import annotations
 
@@ -20,20 +25,48 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dsocr.runtime.errors import InputError
 
-TILE = 640
 PAD_COLOR = (127, 127, 127)          # tuple(int(0.5 * 255) for _ in range(3))
 DEFAULT_MAX_PIXELS = 64_000_000
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")   # 16-bit PNG/TIFF/PGM samples (I: 32-bit signed)
 # the raster formats Pillow may decode; others (EPS and PDF through Ghostscript, fonts, ...) are refused
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "TIFF", "BMP", "PPM", "JPEG2000")
 
-MODES = {                            # name: (base_size, image_size, crop_mode)
-    "tiny": (512, 512, False),
-    "small": (640, 640, False),
-    "base": (1024, 1024, False),
-    "large": (1280, 1280, False),
-    "gundam": (1024, 640, True),
-}
+
+@dataclass(frozen=True)
+class Layout:
+    """How one model cuts an image into views and lays their rows out (its reference's constants)."""
+    projector: str                # the mmproj's clip.projector_type
+    model: str                    # its name in messages
+    tile: int                     # tile side, and the size above which crop mode cuts tiles
+    min_crops: int
+    max_crops: int
+    newlines: bool                # v1: tiles merged into one grid, image_newline after every grid row
+    strip_prompt: bool            # v1's `plain` template strips the prompt; v2's vLLM path takes it as it is
+    nocrop_pad_to_base: bool      # v2: without crop mode the image_size square is padded to base_size
+    fixed_sizes: tuple[int, int] | None    # (base, tile) an encoder's learned tables fix (v2's query tables)
+    modes: dict                   # name: (base_size, image_size, crop_mode)
+
+
+V1 = Layout("deepseekocr", "DeepSeek-OCR", tile=640, min_crops=2, max_crops=9, newlines=True, strip_prompt=True,
+            nocrop_pad_to_base=False, fixed_sizes=None,
+            modes={"tiny": (512, 512, False), "small": (640, 640, False), "base": (1024, 1024, False),
+                   "large": (1280, 1280, False), "gundam": (1024, 640, True)})
+V2 = Layout("deepseekocr2", "DeepSeek-OCR 2", tile=768, min_crops=2, max_crops=6, newlines=False, strip_prompt=False,
+            nocrop_pad_to_base=True, fixed_sizes=(1024, 768),
+            modes={"gundam": (1024, 768, True), "global": (1024, 768, False)})
+LAYOUTS = {layout.projector: layout for layout in (V1, V2)}
+MODE_NAMES = tuple(dict.fromkeys(m for layout in LAYOUTS.values() for m in layout.modes))
+DEFAULT_MODE = "gundam"
+
+
+def check_mode_name(mode: str) -> None:
+    """A mode some model has (which one runs is known once its mmproj is)."""
+    if mode not in MODE_NAMES:
+        raise InputError(f"unknown mode {mode!r}; choose one of: {modes_text()}")
+
+
+def modes_text() -> str:
+    return "; ".join(f"{', '.join(layout.modes)} ({layout.model})" for layout in LAYOUTS.values())
 
 
 @dataclass
@@ -41,20 +74,25 @@ class ViewConfig:
     base_size: int = 1024
     image_size: int = 640
     crop_mode: bool = True
+    layout: Layout = V1
 
     @classmethod
-    def from_mode(cls, mode: str) -> ViewConfig:
-        try:
-            return cls(*MODES[mode])
-        except KeyError:
-            raise InputError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}") from None
+    def from_mode(cls, mode: str, layout: Layout = V1) -> ViewConfig:
+        if mode not in layout.modes:
+            raise InputError(f"unknown mode {mode!r} for {layout.model}; choose one of: {', '.join(layout.modes)}")
+        return cls(*layout.modes[mode], layout=layout)
 
     def validate(self) -> None:
         for name, v in (("base size", self.base_size), ("image size", self.image_size)):
             if v < 16 or v % 16 or v > 4096:
                 raise InputError(f"{name} {v} must be a multiple of 16 between 16 and 4096")
-        if self.crop_mode and self.image_size != TILE:
-            raise InputError(f"crop mode cuts {TILE}-px tiles: use --image-size {TILE} with it")
+        tile = self.layout.tile
+        if self.crop_mode and self.image_size != tile:
+            raise InputError(f"crop mode cuts {tile}-px tiles: use --image-size {tile} with it")
+        fixed = self.layout.fixed_sizes
+        if fixed and (self.base_size, self.image_size) != fixed:
+            raise InputError(f"{self.layout.model}'s encoder has learned queries for a {fixed[0]}-px global view "
+                             f"and {fixed[1]}-px tiles only: --base-size {fixed[0]} --image-size {fixed[1]}")
 
 
 @dataclass
@@ -118,17 +156,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def candidate_grids(min_num: int = 2, max_num: int = 9) -> list[tuple[int, int]]:
+def candidate_grids(min_num: int = V1.min_crops, max_num: int = V1.max_crops) -> list[tuple[int, int]]:
     """The reference's `sorted(set(...), key=w*h)`: the set's iteration order decides ties."""
     grids = set((i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
                 if min_num <= i * j <= max_num)
     return sorted(grids, key=lambda g: g[0] * g[1])
 
 
-def choose_grid(width: int, height: int, tile: int = TILE) -> tuple[int, int]:
-    aspect = width / height
+def choose_grid(width: int, height: int, layout: Layout = V1) -> tuple[int, int]:
+    aspect, tile = width / height, layout.tile
     best, best_diff = (1, 1), float("inf")
-    for w, h in candidate_grids():
+    for w, h in candidate_grids(layout.min_crops, layout.max_crops):
         diff = abs(aspect - w / h)
         if diff < best_diff:
             best, best_diff = (w, h), diff
@@ -139,8 +177,8 @@ def choose_grid(width: int, height: int, tile: int = TILE) -> tuple[int, int]:
 
 def view_grid(width: int, height: int, cfg: ViewConfig) -> tuple[int, int]:
     """The (w_crops, h_crops) tile grid prepare_image cuts; (1, 1) is the global view alone."""
-    if cfg.crop_mode and (width > TILE or height > TILE):
-        return choose_grid(width, height)
+    if cfg.crop_mode and (width > cfg.layout.tile or height > cfg.layout.tile):
+        return choose_grid(width, height, cfg.layout)
     return (1, 1)
 
 
@@ -158,45 +196,51 @@ def queries(size: int) -> int:
     return math.ceil((size // 16) / 4)
 
 
+def global_size(cfg: ViewConfig) -> int:
+    """The global view's side."""
+    return cfg.base_size if cfg.crop_mode or cfg.layout.nocrop_pad_to_base else cfg.image_size
+
+
 def image_token_count(cfg: ViewConfig, grid: tuple[int, int]) -> int:
-    if cfg.crop_mode:
-        qb, q = queries(cfg.base_size), queries(cfg.image_size)
-        n = (qb + 1) * qb + 1
-        if grid[0] > 1 or grid[1] > 1:
-            n += (q * grid[0] + 1) * (q * grid[1])
-        return n
-    q = queries(cfg.image_size)
-    return (q + 1) * q + 1
+    """The <image> tokens of one image: the global view's rows (+ a newline per row in v1), the
+    separator, and the tiles' (v1: merged into one grid, a newline per grid row)."""
+    nl = 1 if cfg.layout.newlines else 0
+    qg = queries(global_size(cfg))
+    n = (qg + nl) * qg + 1
+    if grid[0] > 1 or grid[1] > 1:
+        q = queries(cfg.image_size)
+        n += (q * grid[0] + nl) * (q * grid[1])
+    return n
 
 
 def prepare_image(img: Image.Image, cfg: ViewConfig) -> PreparedImage:
     cfg.validate()
     size = img.size
-    grid, tiles = view_grid(img.width, img.height, cfg), []
+    grid, tiles, tile = view_grid(img.width, img.height, cfg), [], cfg.layout.tile
     if cfg.crop_mode:
         if grid != (1, 1):
-            resized = img.resize((TILE * grid[0], TILE * grid[1]))
+            resized = img.resize((tile * grid[0], tile * grid[1]))
             for k in range(grid[0] * grid[1]):
-                x, y = (k % grid[0]) * TILE, (k // grid[0]) * TILE
-                tiles.append(normalize(resized.crop((x, y, x + TILE, y + TILE))))
-        global_view = normalize(ImageOps.pad(img, (cfg.base_size, cfg.base_size), color=PAD_COLOR))
-    else:
-        if cfg.image_size <= TILE:
-            img = img.resize((cfg.image_size, cfg.image_size))
-        global_view = normalize(ImageOps.pad(img, (cfg.image_size, cfg.image_size), color=PAD_COLOR))
+                x, y = (k % grid[0]) * tile, (k // grid[0]) * tile
+                tiles.append(normalize(resized.crop((x, y, x + tile, y + tile))))
+    elif cfg.image_size <= tile:
+        img = img.resize((cfg.image_size, cfg.image_size))
+    side = global_size(cfg)
+    global_view = normalize(ImageOps.pad(img, (side, side), color=PAD_COLOR))
     return PreparedImage(global_view, tiles, grid, size, image_token_count(cfg, grid))
 
 
-def build_prompt_ids(tokenizer, prompt: str, images: list[PreparedImage], image_token: str = "<image>") -> tuple[list[int], np.ndarray]:
+def build_prompt_ids(tokenizer, prompt: str, images: list[PreparedImage], layout: Layout,
+                     image_token: str = "<image>") -> tuple[list[int], np.ndarray]:
     """bos + text pieces around `<image>` markers, each marker expanded to its image's token count.
-    Returns (ids, is_image_position). The prompt is stripped, as the `plain` template does."""
-    return layout_prompt_ids(tokenizer, prompt, [img.n_tokens for img in images], image_token)
+    Returns (ids, is_image_position). The prompt is stripped where the layout's reference does."""
+    return layout_prompt_ids(tokenizer, prompt, [img.n_tokens for img in images], layout, image_token)
 
 
-def layout_prompt_ids(tokenizer, prompt: str, image_tokens: list[int], image_token: str = "<image>"
+def layout_prompt_ids(tokenizer, prompt: str, image_tokens: list[int], layout: Layout, image_token: str = "<image>"
                       ) -> tuple[list[int], np.ndarray]:
     """build_prompt_ids from the images' token counts alone (what the context check needs)."""
-    pieces = prompt.strip().split(image_token)
+    pieces = (prompt.strip() if layout.strip_prompt else prompt).split(image_token)
     if len(pieces) - 1 != len(image_tokens):
         raise InputError(f"the prompt has {len(pieces) - 1} {image_token} marker(s) for {len(image_tokens)} image(s)")
     image_id = tokenizer.token_id(image_token)

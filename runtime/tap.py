@@ -8,7 +8,7 @@ with one, only what it wants does (on CUDA each wanted value is one `be.to_host`
 
 Names follow llama.cpp: `name` for a whole-graph value, `name-il` inside layer il ("ffn_norm-2"). The
 language model keeps llama.cpp's own deepseek2 names; the vision towers, which llama.cpp builds as one
-clip graph, prefix theirs with the stage: "sam.", "clip.", "projector.". In graph order (m rows in the
+clip graph, prefix theirs with the stage: "sam.", "clip." (or "qwen2."), "projector.". In graph order (m rows in the
 chunk, r logits rows, k experts used per token, n = g*g grid rows of a view after SAM):
 
     language model, once per forward
@@ -36,6 +36,9 @@ chunk, r logits rows, k experts used per token, n = g*g grid rows of a view afte
         clip.inp_embd            [1 + n, C_clip]     class row + patches + positions, after pre-LN
         clip.l_out-il            [1 + n, C_clip]
         clip.out                 [1 + n, C_clip]     what CLIP hands on (its last l_out)
+        qwen2.inp_embd           [2n, C]             DeepSeek-OCR 2 instead of clip.*: SAM rows + queries
+        qwen2.l_out-il           [2n, C]
+        qwen2.out                [n, C]              the query rows after the final norm
         projector.out            [n, H]              the view's image rows
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ kernel sees it.
 
 Shapes are in numpy order, (..., rows, row_length), as runtime.gguf_file.Tensor.shape. A
 dimension is an int; or a str naming a width no key carries (llama.cpp writes none for SAM's MLP
-and neck widths or CLIP's FFN width: its C++ reads them from the tensors), taken from the first
+and neck widths or the second encoder's FFN width: its C++ reads them from the tensors), taken from the first
 tensor in the table that has it and then required of every other; or None, any length (SAM's
 relative-position tables, which the runtime resizes to each attention size as the reference does).
 
@@ -23,7 +23,7 @@ from dsocr.runtime.errors import ModelError
 Dim = int | str | None
 Shape = tuple[Dim, ...]
 
-SAM_MLP, SAM_NECK, SAM_NET2, CLIP_FFN = "SAM MLP width", "SAM neck width", "SAM net_2 width", "CLIP FFN width"
+SAM_MLP, SAM_NECK, SAM_NET2, ENC_FFN = "SAM MLP width", "SAM neck width", "SAM net_2 width", "encoder FFN width"
 
 
 def as_number(value, kind: type = int):
@@ -96,25 +96,41 @@ def lm_shapes(p) -> dict[str, Shape]:
 # ---------------------------------------------------------------- the vision tower and projector
 
 def vision_params_problem(p, n_tensors: int) -> str | None:
-    """What makes VisionParams `p` unusable, or None (`n_tensors` as for lm_params_problem)."""
+    """What makes vision params `p` (runtime.vision: SAM and its second encoder) unusable, or None
+    (`n_tensors` as for lm_params_problem)."""
+    clip = p.projector == "deepseekocr"
+    enc = "CLIP" if clip else "Qwen2 encoder"
     counts = {"SAM layers": p.sam_layers, "SAM width": p.sam_width, "SAM heads": p.sam_heads,
               "SAM window": p.window, "SAM patch size": p.sam_patch, "SAM image size": p.sam_image,
-              "CLIP layers": p.clip_layers, "CLIP width": p.clip_width, "CLIP heads": p.clip_heads,
-              "CLIP patch size": p.clip_patch, "CLIP image size": p.clip_image, "projection width": p.n_embd}
+              f"{enc} layers": p.enc_layers, f"{enc} width": p.enc_width, f"{enc} heads": p.enc_heads,
+              "projection width": p.n_embd}
+    if clip:
+        counts |= {"CLIP patch size": p.clip_patch, "CLIP image size": p.clip_image}
+    else:
+        counts |= {"Qwen2 encoder kv heads": p.enc_heads_kv}
     bad = next((k for k, v in counts.items() if v < 1), None)
     if bad:
         return f"{bad} is {counts[bad]}, not a positive number"
-    if p.sam_layers > n_tensors or p.clip_layers > n_tensors:
-        return f"{p.sam_layers} SAM and {p.clip_layers} CLIP layers cannot fit in {n_tensors} tensors"
-    for what, width, heads in (("SAM", p.sam_width, p.sam_heads), ("CLIP", p.clip_width, p.clip_heads)):
+    if p.sam_layers > n_tensors or p.enc_layers > n_tensors:
+        return f"{p.sam_layers} SAM and {p.enc_layers} {enc} layers cannot fit in {n_tensors} tensors"
+    for what, width, heads in (("SAM", p.sam_width, p.sam_heads), (enc, p.enc_width, p.enc_heads)):
         if width % heads:
             return f"{heads} {what} heads do not divide the {what} width {width}"
-    for what, image, patch in (("SAM", p.sam_image, p.sam_patch), ("CLIP", p.clip_image, p.clip_patch)):
+    if not clip:
+        if p.enc_heads % p.enc_heads_kv:
+            return f"{p.enc_heads_kv} Qwen2 encoder kv heads do not divide its {p.enc_heads} heads"
+        if (p.enc_width // p.enc_heads) % 2:
+            return f"the Qwen2 encoder's head size {p.enc_width // p.enc_heads} is odd (RoPE halves it)"
+    sizes = (("SAM", p.sam_image, p.sam_patch),) + ((("CLIP", p.clip_image, p.clip_patch),) if clip else ())
+    for what, image, patch in sizes:
         if image % patch:
             return f"{what} patch size {patch} does not divide its image size {image}"
     if p.window > p.sam_image // p.sam_patch:
         return f"SAM window {p.window} is larger than its {p.sam_image // p.sam_patch}-patch grid"
-    for what, v in (("SAM LayerNorm epsilon", p.sam_eps), ("CLIP LayerNorm epsilon", p.clip_eps)):
+    floats = {"SAM LayerNorm epsilon": p.sam_eps, f"{enc} norm epsilon": p.enc_eps}
+    if not clip:
+        floats["Qwen2 encoder RoPE base"] = p.enc_rope_theta
+    for what, v in floats.items():
         if not (math.isfinite(v) and v > 0):
             return f"{what} is {v}, not a positive number"
     return None
@@ -122,10 +138,9 @@ def vision_params_problem(p, n_tensors: int) -> str | None:
 
 def vision_shapes(p) -> dict[str, Shape]:
     """Every tensor runtime.vision reads (the unused CLIP patch conv v.patch_embd is not one)."""
-    C, Cc, H = p.sam_width, p.clip_width, p.n_embd
+    C, Ce, H = p.sam_width, p.enc_width, p.n_embd
     n, k = p.sam_image // p.sam_patch, p.sam_patch
     head = C // p.sam_heads
-    g = p.clip_image // p.clip_patch
     shapes: dict[str, Shape] = {"v.sam.patch_embd.weight": (C, 3, k, k), "v.sam.patch_embd.bias": (C,),
                                 "v.sam.pos_embd.weight": (1, n, n, C)}
     for i in range(p.sam_layers):
@@ -136,24 +151,37 @@ def vision_shapes(p) -> dict[str, Shape]:
                    b + "attn.pos_h.weight": (None, head), b + "attn.pos_w.weight": (None, head),
                    b + "mlp.lin1.weight": (SAM_MLP, C), b + "mlp.lin1.bias": (SAM_MLP,),
                    b + "mlp.lin2.weight": (C, SAM_MLP), b + "mlp.lin2.bias": (C,)}
-    # neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d; net_2, net_3 (3x3): SAM's features are CLIP's patches
+    # neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d; net_2, net_3 (3x3): SAM's features are the
+    # second encoder's input rows
     shapes |= {"v.sam.neck.0.weight": (SAM_NECK, C, 1, 1), "v.sam.neck.1.weight": (SAM_NECK,),
                "v.sam.neck.1.bias": (SAM_NECK,), "v.sam.neck.2.weight": (SAM_NECK, SAM_NECK, 3, 3),
                "v.sam.neck.3.weight": (SAM_NECK,), "v.sam.neck.3.bias": (SAM_NECK,),
-               "v.sam.net_2.weight": (SAM_NET2, SAM_NECK, 3, 3), "v.sam.net_3.weight": (Cc, SAM_NET2, 3, 3),
-               "v.class_embd": (Cc,), "v.position_embd.weight": (1 + g * g, Cc),
-               "v.pre_ln.weight": (Cc,), "v.pre_ln.bias": (Cc,)}
-    for i in range(p.clip_layers):
-        b = f"v.blk.{i}."
-        shapes |= {b + "ln1.weight": (Cc,), b + "ln1.bias": (Cc,), b + "ln2.weight": (Cc,), b + "ln2.bias": (Cc,),
-                   b + "attn_qkv.weight": (3 * Cc, Cc), b + "attn_qkv.bias": (3 * Cc,),
-                   b + "attn_out.weight": (Cc, Cc), b + "attn_out.bias": (Cc,),
-                   b + "ffn_up.weight": (CLIP_FFN, Cc), b + "ffn_up.bias": (CLIP_FFN,),
-                   b + "ffn_down.weight": (Cc, CLIP_FFN), b + "ffn_down.bias": (Cc,)}
-    # projector: Linear(concat(CLIP rows, SAM rows)); the image rows' newline and the views' separator
-    shapes |= {"mm.model.fc.weight": (H, 2 * Cc), "mm.model.fc.bias": (H,), "v.image_newline": (H,),
+               "v.sam.net_2.weight": (SAM_NET2, SAM_NECK, 3, 3), "v.sam.net_3.weight": (Ce, SAM_NET2, 3, 3),
                "v.view_seperator": (1, H)}
-    return shapes
+    if p.projector == "deepseekocr":
+        g = p.clip_image // p.clip_patch
+        shapes |= {"v.class_embd": (Ce,), "v.position_embd.weight": (1 + g * g, Ce),
+                   "v.pre_ln.weight": (Ce,), "v.pre_ln.bias": (Ce,)}
+        for i in range(p.enc_layers):
+            b = f"v.blk.{i}."
+            shapes |= {b + "ln1.weight": (Ce,), b + "ln1.bias": (Ce,), b + "ln2.weight": (Ce,), b + "ln2.bias": (Ce,),
+                       b + "attn_qkv.weight": (3 * Ce, Ce), b + "attn_qkv.bias": (3 * Ce,),
+                       b + "attn_out.weight": (Ce, Ce), b + "attn_out.bias": (Ce,),
+                       b + "ffn_up.weight": (ENC_FFN, Ce), b + "ffn_up.bias": (ENC_FFN,),
+                       b + "ffn_down.weight": (Ce, ENC_FFN), b + "ffn_down.bias": (Ce,)}
+        # projector: Linear(concat(CLIP rows, SAM rows)); the image rows' newline
+        return shapes | {"mm.model.fc.weight": (H, 2 * Ce), "mm.model.fc.bias": (H,), "v.image_newline": (H,)}
+    kv = Ce // p.enc_heads * p.enc_heads_kv
+    for i in range(p.enc_layers):
+        b = f"v.blk.{i}."
+        shapes |= {b + "ln1.weight": (Ce,), b + "attn_q.weight": (Ce, Ce), b + "attn_q.bias": (Ce,),
+                   b + "attn_k.weight": (kv, Ce), b + "attn_k.bias": (kv,), b + "attn_v.weight": (kv, Ce),
+                   b + "attn_v.bias": (kv,), b + "attn_out.weight": (Ce, Ce), b + "ln2.weight": (Ce,),
+                   b + "ffn_gate.weight": (ENC_FFN, Ce), b + "ffn_up.weight": (ENC_FFN, Ce),
+                   b + "ffn_down.weight": (Ce, ENC_FFN)}
+    # learned queries per view size (their rows: the view's SAM rows), final norm; projector: Linear
+    shapes |= {f"v.resample_query_{size}.weight": (rows, Ce) for size, rows in p.queries.items()}
+    return shapes | {"v.post_ln.weight": (Ce,), "mm.model.fc.weight": (H, Ce), "mm.model.fc.bias": (H,)}
 
 
 # ---------------------------------------------------------------- matching

@@ -1,4 +1,4 @@
-"""DeepSeek-OCR's vision tower from an mmproj GGUF (projector `deepseekocr`), top to bottom:
+"""DeepSeek-OCR's vision towers from an mmproj GGUF, top to bottom. Projector `deepseekocr` (v1):
 
     view [3, S, S] -> SAM ViT-B: 16-px patch conv + position table (resized for S != 1024)
                       -> blocks: LN, attention in 14x14 windows (zero padded) or global, with
@@ -12,27 +12,51 @@
     image rows: tiles tiled into one grid, rows + image_newline; then the global grid, rows +
     image_newline; then view_seperator.
 
+Projector `deepseekocr2` (DeepSeek-OCR 2): the same SAM (net_3 projects to the encoder's width), then
+
+                   -> Qwen2 decoder as an encoder over [sam; learned queries] [2n, C] (the query table
+                      of n = g*g rows), positions 0..2n-1, NEOX RoPE: blocks (RMSNorm, q/k/v with bias,
+                      GQA attention with image rows bidirectional and queries causal after them
+                      (backend.attention_prefix), RMSNorm, SiLU MLP), final RMSNorm of the query rows
+                      = [n, C]
+                   -> projector: Linear   [n, H]
+    image rows: each tile's rows in order, the global view's, view_seperator (no newlines).
+
 Keys llama.cpp's mmproj does not carry (SAM's global-attention blocks, SAM image and patch
-size, CLIP's LayerNorm epsilon) are read from `dsocr.vision.*` when present and default to the
-real model's values, as llama.cpp's C++ hard-codes them.
+size, CLIP's LayerNorm epsilon, the Qwen2 encoder's RoPE base) are read from `dsocr.vision.*`
+when present and default to the real model's values, as llama.cpp's C++ hard-codes them.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
+import gguf
 import numpy as np
 
 from dsocr.runtime.errors import ModelError
 from dsocr.runtime.gguf_file import GGUFFile
-from dsocr.runtime.preprocess import PreparedImage
+from dsocr.runtime.preprocess import LAYOUTS, V2, Layout, PreparedImage
 from dsocr.runtime.tap import Callback, Tap, callback
 from dsocr.runtime.tensor_specs import read_key, resolve_widths, vision_params_problem, vision_shapes
 
 
+# DeepSeek-OCR 2's projector type and the encoder's GQA key: llama.cpp's names (gguf-py's constants.py
+# has them since after the PyPI gguf 0.19.0 this project installs, which lacks them)
+PROJECTOR_OCR2 = getattr(gguf.VisionProjectorType, "DEEPSEEKOCR2", "deepseekocr2")
+KEY_VISION_HEAD_COUNT_KV = getattr(gguf.Keys.ClipVision.Attention, "HEAD_COUNT_KV",
+                                   "clip.vision.attention.head_count_kv")
+KEY_ENCODER_ROPE_THETA = "dsocr.vision.encoder.rope_freq_base"
+QWEN2_ROPE_THETA = 1e6          # DeepSeek-OCR 2's qwen2_d2e.py (llama.cpp's C++ hard-codes it)
+
+
 @dataclass
 class VisionParams:
+    """SAM ViT-B, then the second encoder: CLIP-L (projector `deepseekocr`) or a Qwen2 decoder used as an
+    encoder (`deepseekocr2`); enc_* are that encoder's. A field of the other model only is 0."""
+    projector: str
     sam_layers: int
     sam_width: int
     sam_heads: int
@@ -40,36 +64,67 @@ class VisionParams:
     window: int
     sam_patch: int
     sam_image: int
-    clip_layers: int
-    clip_width: int
-    clip_heads: int
-    clip_image: int      # CLIP-L's own 224 / 14: its position table's grid
-    clip_patch: int
-    clip_eps: float
     sam_eps: float
+    enc_layers: int
+    enc_width: int
+    enc_heads: int
+    enc_eps: float
     n_embd: int
+    clip_image: int = 0      # v1: CLIP-L's own 224 / 14, its position table's grid
+    clip_patch: int = 0
+    enc_heads_kv: int = 0    # v2: grouped-query attention
+    enc_rope_theta: float = 0.0
+    queries: dict = field(default_factory=dict)    # v2: view side -> its learned query rows (= its SAM rows)
+
+    @property
+    def layout(self) -> Layout:
+        return LAYOUTS[self.projector]
 
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> VisionParams:
         """The hparams, refused (ModelError) unless they make sense for the file's tensors."""
-        if f.architecture != "clip" or f.get("clip.projector_type") != "deepseekocr":
-            raise ModelError(f"{f.path}: not a DeepSeek-OCR mmproj (architecture {f.architecture!r}, "
-                             f"projector {f.get('clip.projector_type')!r})")
+        projector = projector_type(f)
         k = lambda key, default=None, kind=int: read_key(f, key, default, kind)
-        p = cls(sam_layers=k("clip.vision.sam.block_count"), sam_width=k("clip.vision.sam.embedding_length"),
-                sam_heads=k("clip.vision.sam.head_count"),
-                sam_global=k("dsocr.vision.sam.global_attn_indexes", [2, 5, 8, 11], tuple),
-                window=k("clip.vision.window_size", 14), sam_patch=k("dsocr.vision.sam.patch_size", 16),
-                sam_image=k("dsocr.vision.sam.image_size", 1024), clip_layers=k("clip.vision.block_count"),
-                clip_width=k("clip.vision.embedding_length"), clip_heads=k("clip.vision.attention.head_count"),
-                clip_image=k("clip.vision.image_size", 224), clip_patch=k("clip.vision.patch_size", 14),
-                clip_eps=k("dsocr.vision.clip.layer_norm_epsilon", 1e-5, float), sam_eps=1e-6,
-                # the LM width is the projector's rows, as llama.cpp reads it (vision_shapes checks the rest)
-                n_embd=f.tensor("mm.model.fc.weight", (None, None)).shape[0])
+        sam = dict(projector=projector, sam_layers=k("clip.vision.sam.block_count"),
+                   sam_width=k("clip.vision.sam.embedding_length"), sam_heads=k("clip.vision.sam.head_count"),
+                   sam_global=k("dsocr.vision.sam.global_attn_indexes", [2, 5, 8, 11], tuple),
+                   window=k("clip.vision.window_size", 14), sam_patch=k("dsocr.vision.sam.patch_size", 16),
+                   sam_image=k("dsocr.vision.sam.image_size", 1024), sam_eps=1e-6,
+                   enc_layers=k("clip.vision.block_count"), enc_width=k("clip.vision.embedding_length"),
+                   enc_heads=k("clip.vision.attention.head_count"),
+                   # the LM width is the projector's rows, as llama.cpp reads it (vision_shapes checks the rest)
+                   n_embd=f.tensor("mm.model.fc.weight", (None, None)).shape[0])
+        if projector == PROJECTOR_OCR2:
+            p = cls(**sam, enc_eps=k("clip.vision.attention.layer_norm_epsilon", 1e-6, float),
+                    enc_heads_kv=k(KEY_VISION_HEAD_COUNT_KV), enc_rope_theta=k(KEY_ENCODER_ROPE_THETA,
+                                                                                 QWEN2_ROPE_THETA, float),
+                    queries=ocr2_queries(sam["sam_patch"]))
+        else:
+            p = cls(**sam, enc_eps=k("dsocr.vision.clip.layer_norm_epsilon", 1e-5, float),
+                    clip_image=k("clip.vision.image_size", 224), clip_patch=k("clip.vision.patch_size", 14))
         problem = vision_params_problem(p, len(f.tensors))
         if problem:
             raise ModelError(f"{f.path}: {problem}")
         return p
+
+
+def ocr2_queries(sam_patch: int) -> dict[int, int]:
+    """DeepSeek-OCR 2's learned query tables, by view side: one query per SAM output row (16x down)."""
+    return {size: (size // sam_patch // 4) ** 2 for size in (V2.tile, V2.fixed_sizes[0])}
+
+
+def projector_type(f: GGUFFile) -> str:
+    """`deepseekocr` or `deepseekocr2`; ModelError for any other file."""
+    projector = f.get("clip.projector_type")
+    if f.architecture != "clip" or projector not in LAYOUTS:
+        raise ModelError(f"{f.path}: not a DeepSeek-OCR mmproj (architecture {f.architecture!r}, "
+                         f"projector {projector!r})")
+    return projector
+
+
+def read_layout(mmproj: str | Path) -> Layout:
+    """The view layout of an mmproj, from its header (its weights stay unread, memory-mapped)."""
+    return LAYOUTS[projector_type(GGUFFile(mmproj))]
 
 
 # ---------------------------------------------------------------- table resizing (host, cached)
@@ -164,6 +219,18 @@ class ClipBlock:
         self.fc2, self.fc2_b = be.weight(t(p + "ffn_down.weight")), be.table(t(p + "ffn_down.bias"))
 
 
+class Qwen2Block:
+    def __init__(self, t, be, i: int):
+        p = f"v.blk.{i}."
+        self.ln1, self.ln2 = be.table(t(p + "ln1.weight")), be.table(t(p + "ln2.weight"))
+        self.q, self.q_b = be.weight(t(p + "attn_q.weight")), be.table(t(p + "attn_q.bias"))
+        self.k, self.k_b = be.weight(t(p + "attn_k.weight")), be.table(t(p + "attn_k.bias"))
+        self.v, self.v_b = be.weight(t(p + "attn_v.weight")), be.table(t(p + "attn_v.bias"))
+        self.out = be.weight(t(p + "attn_out.weight"))
+        self.gate, self.up = be.weight(t(p + "ffn_gate.weight")), be.weight(t(p + "ffn_up.weight"))
+        self.down = be.weight(t(p + "ffn_down.weight"))
+
+
 class VisionModel:
     def __init__(self, f: GGUFFile, backend):
         self.file, self.be = f, backend
@@ -178,14 +245,19 @@ class VisionModel:
         self.neck1 = (be.table(t("v.sam.neck.1.weight")), be.table(t("v.sam.neck.1.bias")))
         self.neck3 = (be.table(t("v.sam.neck.3.weight")), be.table(t("v.sam.neck.3.bias")))
         self.net2, self.net3 = be.weight(t("v.sam.net_2.weight")), be.weight(t("v.sam.net_3.weight"))
-        self.class_embd = t("v.class_embd").floats()
-        self.clip_pos = t("v.position_embd.weight").floats()
-        self.pre_ln = (be.table(t("v.pre_ln.weight")), be.table(t("v.pre_ln.bias")))
-        self.clip_blocks = [ClipBlock(t, be, i) for i in range(p.clip_layers)]
         self.proj_w, self.proj_b = be.weight(t("mm.model.fc.weight")), be.table(t("mm.model.fc.bias"))
-        self.newline = t("v.image_newline").floats().reshape(-1)
         self.separator = t("v.view_seperator").floats().reshape(-1)
         self.patch_k = int(t("v.sam.patch_embd.weight").shape[-1])
+        if p.projector == PROJECTOR_OCR2:
+            self.enc_blocks = [Qwen2Block(t, be, i) for i in range(p.enc_layers)]
+            self.queries = {p.queries[size]: be.table(t(f"v.resample_query_{size}.weight")) for size in p.queries}
+            self.post_ln = be.table(t("v.post_ln.weight"))
+        else:
+            self.class_embd = t("v.class_embd").floats()
+            self.clip_pos = t("v.position_embd.weight").floats()
+            self.pre_ln = (be.table(t("v.pre_ln.weight")), be.table(t("v.pre_ln.bias")))
+            self.enc_blocks = [ClipBlock(t, be, i) for i in range(p.enc_layers)]
+            self.newline = t("v.image_newline").floats().reshape(-1)
 
     # ---- tables for a grid size (computed once per size)
     @lru_cache(maxsize=8)
@@ -284,20 +356,20 @@ class VisionModel:
         g = int(math.isqrt(feats.shape[0]))
         x = be.concat_rows(self.device_table("class", 0), feats)
         be.add(x, self.device_table("clip_pos", g))
-        be.layernorm(x, self.pre_ln[0], self.pre_ln[1], p.clip_eps, x)
+        be.layernorm(x, self.pre_ln[0], self.pre_ln[1], p.enc_eps, x)
         cb(x, "clip.inp_embd")
         h = be.empty(x.shape)
         n, c = x.shape
-        for i, blk in enumerate(self.clip_blocks):
-            be.layernorm(x, blk.ln1_w, blk.ln1_b, p.clip_eps, h)
+        for i, blk in enumerate(self.enc_blocks):
+            be.layernorm(x, blk.ln1_w, blk.ln1_b, p.enc_eps, h)
             qkv = be.matmul(h, blk.qkv)
             be.add_bias(qkv, blk.qkv_b)
             qkv = qkv.reshape(1, n, 3, c)
-            o = be.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], p.clip_heads)
+            o = be.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], p.enc_heads)
             a = be.matmul(o.reshape(n, c), blk.out)
             be.add_bias(a, blk.out_b)
             be.add(x, a)
-            be.layernorm(x, blk.ln2_w, blk.ln2_b, p.clip_eps, h)
+            be.layernorm(x, blk.ln2_w, blk.ln2_b, p.enc_eps, h)
             m = be.matmul(h, blk.fc1)
             be.add_bias(m, blk.fc1_b)
             be.quick_gelu(m, m)
@@ -309,30 +381,87 @@ class VisionModel:
         cb(x, "clip.out")
         return x
 
+    # ---- Qwen2 encoder (DeepSeek-OCR 2)
+    def query_table(self, n: int):
+        """The learned queries for a view of n SAM rows (the reference picks the table by that count)."""
+        if n not in self.queries:
+            raise ModelError(f"the Qwen2 encoder has learned queries for {sorted(self.queries)} SAM rows, not {n}")
+        return self.queries[n]
+
+    def qwen2(self, feats, queries, cb: Callback):
+        """[n, C] SAM features, [n, C] learned queries -> [n, C] the queries' outputs; yields after each
+        block. The sequence is [image rows; queries] at positions 0..2n-1: image rows attend to the image
+        rows only, each query to every image row and to the queries up to itself."""
+        be, p = self.be, self.p
+        n = feats.shape[0]
+        x = be.concat_rows(feats, queries)                                   # [2n, C]
+        positions = np.arange(2 * n)
+        cb(x, "qwen2.inp_embd")
+        h = be.empty(x.shape)
+        for i, blk in enumerate(self.enc_blocks):
+            be.rmsnorm(x, blk.ln1, p.enc_eps, h)
+            q, k, v = be.matmul(h, blk.q), be.matmul(h, blk.k), be.matmul(h, blk.v)
+            be.add_bias(q, blk.q_b)
+            be.add_bias(k, blk.k_b)
+            be.add_bias(v, blk.v_b)
+            be.rope(q, p.enc_heads, positions, p.enc_rope_theta)
+            be.rope(k, p.enc_heads_kv, positions, p.enc_rope_theta)
+            o = be.attention_prefix(q, k, v, p.enc_heads, p.enc_heads_kv, n)
+            be.add(x, be.matmul(o, blk.out))
+            be.rmsnorm(x, blk.ln2, p.enc_eps, h)
+            g = be.matmul(h, blk.gate)
+            be.silu_mul(g, be.matmul(h, blk.up), g)
+            be.add(x, be.matmul(g, blk.down))
+            cb(x, "qwen2.l_out", i)
+            yield
+        out = be.rows(x, n, 2 * n)
+        y = be.empty(out.shape)
+        be.rmsnorm(out, self.post_ln, p.enc_eps, y)
+        cb(y, "qwen2.out")
+        return y
+
     def encode_view(self, pixels: np.ndarray, tap: Tap | None = None) -> np.ndarray:
-        """One view -> projected features [g*g, H] (grid rows). `tap` is handed the named
+        """One view -> projected features [n, H] (its rows in order). `tap` is handed the named
         intermediates (runtime.tap lists them)."""
         return run_steps(self.encode_view_steps(pixels, tap))
 
     def encode_view_steps(self, pixels: np.ndarray, tap: Tap | None = None):
-        """encode_view as a generator that yields after each SAM and CLIP block."""
+        """encode_view as a generator that yields after each SAM and encoder block."""
         be = self.be
         cb = callback(tap, be)
         sam = yield from self.sam(pixels, cb)
-        clip = yield from self.clip(sam, cb)
-        feats = be.concat_cols(be.take_rows(clip, np.arange(1, clip.shape[0])), sam)
+        if self.p.projector == PROJECTOR_OCR2:
+            feats = yield from self.qwen2(sam, self.query_table(sam.shape[0]), cb)
+        else:
+            clip = yield from self.clip(sam, cb)
+            feats = be.concat_cols(be.take_rows(clip, np.arange(1, clip.shape[0])), sam)
         out = be.matmul(feats, self.proj_w)
         be.add_bias(out, self.proj_b)
         cb(out, "projector.out")
         return be.to_host(out)
 
+    def warm_up(self) -> None:
+        """Encodes the smallest view (one SAM feature row: a 64-px square), compiling every kernel a real
+        view runs. DeepSeek-OCR 2's encoder takes only its query tables' sizes, so there its first query
+        stands in for the table."""
+        be = self.be
+        view = np.zeros((3, 64, 64), np.float32)
+        sam = run_steps(self.sam(view, callback(None, be)))
+        if self.p.projector == PROJECTOR_OCR2:
+            first_query = be.take_rows(next(iter(self.queries.values())), np.arange(1))
+            run_steps(self.qwen2(sam, first_query, callback(None, be)))
+        else:
+            run_steps(self.encode_view_steps(view))
+
     def image_embeddings(self, img: PreparedImage, tap: Tap | None = None, progress=None) -> np.ndarray:
-        """The rows an image's <image> tokens take: tiles grid + newlines, global grid + newlines,
-        separator. `tap` sees each view's intermediates, the tiles' first."""
+        """The rows an image's <image> tokens take (the layout's order: the tiles', the global view's, the
+        separator). `tap` sees each view's intermediates, the tiles' first."""
         return run_steps(self.image_embedding_steps(img, tap, progress))
 
     def image_embedding_steps(self, img: PreparedImage, tap: Tap | None = None, progress=None):
-        """image_embeddings as a generator that yields after each vision block."""
+        """image_embeddings as a generator that yields after each vision block. v1 merges the tiles into one
+        grid and ends each grid row with image_newline; v2 keeps each view's rows in order, no newline."""
+        newlines = self.p.layout.newlines
         rows = []
         if img.tiles:
             feats = []
@@ -340,15 +469,18 @@ class VisionModel:
                 feats.append((yield from self.encode_view_steps(t, tap)))
                 if progress:
                     progress(i + 1, len(img.tiles) + 1)
-            q = int(math.isqrt(feats[0].shape[0]))
-            w, h = img.grid
-            grid = np.stack(feats).reshape(h, w, q, q, -1).transpose(0, 2, 1, 3, 4).reshape(h * q, w * q, -1)
-            rows.append(self._with_newlines(grid))
+            if newlines:
+                q = int(math.isqrt(feats[0].shape[0]))
+                w, h = img.grid
+                grid = np.stack(feats).reshape(h, w, q, q, -1).transpose(0, 2, 1, 3, 4).reshape(h * q, w * q, -1)
+                rows.append(self._with_newlines(grid))
+            else:
+                rows += feats
         glob = yield from self.encode_view_steps(img.global_view, tap)
         if progress:
             progress(len(img.tiles) + 1, len(img.tiles) + 1)
         q = int(math.isqrt(glob.shape[0]))
-        rows.append(self._with_newlines(glob.reshape(q, q, -1)))
+        rows.append(self._with_newlines(glob.reshape(q, q, -1)) if newlines else glob)
         rows.append(self.separator[None, :])
         out = np.concatenate(rows).astype(np.float32)
         if out.shape[0] != img.n_tokens:

@@ -12,6 +12,7 @@ from pathlib import Path  # noqa: E402
 TESTS = Path(__file__).resolve().parent
 FIXTURES = TESTS / "fixtures"
 TINY = FIXTURES / "tiny-dsocr"
+TINY2 = FIXTURES / "tiny-dsocr2"          # DeepSeek-OCR 2
 REPO = TESTS.parent
 
 sys.path.insert(0, str(TESTS))
@@ -33,37 +34,58 @@ import shutil  # noqa: E402
 import pytest  # noqa: E402
 
 LLAMACPP = FIXTURES / "tiny-dsocr-llamacpp"
+LLAMACPP2 = FIXTURES / "tiny-dsocr2-llamacpp"
 CASES = ["doc_portrait_crop", "wide_free_ocr_crop", "small_cropmode_noslices", "doc_portrait_nocrop_640"]
 
 
-@pytest.fixture(scope="session")
-def converted(tmp_path_factory):
-    """converted(outtype, mmproj_outtype) -> (lm_path, mmproj_path): the tiny fixture converted once per pair."""
+def _converter(tmp_path_factory, checkpoint, prefix):
     from dsocr.convert import convert_checkpoint
     cache: dict = {}
 
     def get(outtype: str = "f32", mmproj_outtype: str = "f32"):
         key = (outtype, mmproj_outtype)
         if key not in cache:
-            out = tmp_path_factory.mktemp(f"tiny-{outtype}-{mmproj_outtype}")
-            files = convert_checkpoint(TINY, out, outtype, mmproj_outtype, progress=False)
+            out = tmp_path_factory.mktemp(f"{prefix}-{outtype}-{mmproj_outtype}")
+            files = convert_checkpoint(checkpoint, out, outtype, mmproj_outtype, progress=False)
             cache[key] = (files[0].path, files[1].path)
         return cache[key]
     return get
 
 
 @pytest.fixture(scope="session")
-def llamacpp_file(tmp_path_factory):
-    """llamacpp_file(name) -> path of the decompressed llama.cpp-made GGUF."""
-    folder = tmp_path_factory.mktemp("llamacpp")
+def converted(tmp_path_factory):
+    """converted(outtype, mmproj_outtype) -> (lm_path, mmproj_path): the tiny fixture converted once per pair."""
+    return _converter(tmp_path_factory, TINY, "tiny")
+
+
+@pytest.fixture(scope="session")
+def converted2(tmp_path_factory):
+    """converted2(outtype, mmproj_outtype) -> (lm_path, mmproj_path): tiny-dsocr2 (OCR 2) converted once per pair."""
+    return _converter(tmp_path_factory, TINY2, "tiny2")
+
+
+def _gunzipper(tmp_path_factory, source):
+    folder = tmp_path_factory.mktemp(source.name)
 
     def get(name: str):
         path = folder / name
         if not path.exists():
-            with gzip.open(LLAMACPP / (name + ".gz"), "rb") as f, open(path, "wb") as g:
+            with gzip.open(source / (name + ".gz"), "rb") as f, open(path, "wb") as g:
                 shutil.copyfileobj(f, g)
         return path
     return get
+
+
+@pytest.fixture(scope="session")
+def llamacpp_file(tmp_path_factory):
+    """llamacpp_file(name) -> path of the decompressed llama.cpp-made GGUF."""
+    return _gunzipper(tmp_path_factory, LLAMACPP)
+
+
+@pytest.fixture(scope="session")
+def llamacpp2_file(tmp_path_factory):
+    """llamacpp2_file(name) -> path of the decompressed llama.cpp-made DeepSeek-OCR 2 GGUF."""
+    return _gunzipper(tmp_path_factory, LLAMACPP2)
 
 
 def teacher_forced_deviation(lm, embeds, z) -> float:

@@ -16,7 +16,7 @@ from dsocr.runtime.engine import OcrEngine, OcrRequest
 from dsocr.runtime.errors import InputError
 from dsocr.runtime.generate import Sampler, SamplingParams
 from dsocr.runtime.pdf import render_pages
-from dsocr.runtime.preprocess import MODES, ViewConfig
+from dsocr.runtime.preprocess import V1, ViewConfig
 from dsocr.runtime.vision import VisionModel
 
 from conftest import TINY, one_line_error
@@ -63,7 +63,7 @@ def cli(tmp_path, monkeypatch, capsys):
 
 # ---------------------------------------------------------------- the context check (item 6)
 
-@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("mode", sorted(V1.modes))
 def test_context_count_is_the_length_of_the_ids_prepare_builds(engine, rows_without_vision, mode):
     view = ViewConfig.from_mode(mode)
     requests = [([size], "<image>\n<|grounding|>Convert the document to markdown.") for size in SIZES]

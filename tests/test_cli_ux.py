@@ -25,7 +25,7 @@ from dsocr.runtime.errors import InputError
 from dsocr.runtime.generate import GenerationResult
 from dsocr.runtime.grounding import label_px, parse, place_labels, save_outputs
 from dsocr.runtime.pdf import parse_pages
-from dsocr.runtime.preprocess import MODES, ViewConfig, candidate_grids, image_token_count
+from dsocr.runtime.preprocess import LAYOUTS, ViewConfig, candidate_grids, image_token_count
 
 from conftest import TINY, one_line_error
 from test_server import free_port
@@ -162,13 +162,20 @@ def test_one_prompt_source_at_a_time(cli):
 def test_help_lists_modes_prompts_and_examples(cli):
     rc, out, _ = cli("ocr", "--help")
     assert rc == 0
-    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and line.split()[0] in MODES}
-    assert set(rows) == set(MODES)
-    for name, (base, size, crop) in MODES.items():
-        view = ViewConfig(base, size, crop)
-        assert f"{image_token_count(view, (1, 1))} " in rows[name] + " " and f"{size}x{size}" in rows[name]
-    tiled = [image_token_count(ViewConfig.from_mode("gundam"), g) for g in candidate_grids()]
-    assert f"{min(tiled)}-{max(tiled)} tokens" in rows["gundam"]
+    for layout in LAYOUTS.values():
+        rows = {}                   # a row: the model's name, then the mode's
+        for line in out.splitlines():
+            if line.startswith("  " + layout.model + " "):
+                rest = line[len("  " + layout.model):].split()
+                if rest and rest[0] in layout.modes:
+                    rows[rest[0]] = line
+        assert set(rows) == set(layout.modes), layout.model
+        for name, (base, size, crop) in layout.modes.items():
+            view = ViewConfig(base, size, crop, layout)
+            assert f"{image_token_count(view, (1, 1))} " in rows[name] + " " and f"{size}x{size}" in rows[name]
+        tiled = [image_token_count(ViewConfig.from_mode("gundam", layout), g)
+                 for g in candidate_grids(layout.min_crops, layout.max_crops)]
+        assert f"{min(tiled)}-{max(tiled)} tokens" in rows["gundam"]
     for prompt in PROMPTS.values():
         assert json.dumps(prompt.replace("{}", "TEXT")) in out
     assert "examples:" in out and "dsocr ocr scan.pdf --pages 1-3 -o out" in out
@@ -180,7 +187,7 @@ def flat(text: str) -> str:
 
 def test_help_shows_the_defaults_in_effect(cli, tmp_path, monkeypatch):
     rc, out, _ = cli("ocr", "--help")
-    assert rc == 0 and "--mode {tiny,small,base,large,gundam} view sizes, see `modes` below (default: gundam)" \
+    assert rc == 0 and "--mode {tiny,small,base,large,gundam,global} view sizes, see `modes` below (default: gundam)" \
         in flat(out)
     assert "--max-new-tokens N the most tokens to generate, at least 1 (default: 8192)" in flat(out)
     config = tmp_path / "mine.toml"

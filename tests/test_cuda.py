@@ -314,7 +314,7 @@ def test_vision_graph_runs_unchanged_on_the_device(be, converted):
         v = VisionModel(f, backend)
         if SIMULATED:
             v.sam_blocks, v.clip_blocks = v.sam_blocks[:2], v.clip_blocks[:1]
-            v.p = dataclasses.replace(v.p, window=2, sam_layers=2, clip_layers=1)
+            v.p = dataclasses.replace(v.p, window=2, sam_layers=2, enc_layers=1)
         return v
     size = 64 if SIMULATED else 640
     pixels = np.random.default_rng(0).standard_normal((3, size, size)).astype(np.float32)

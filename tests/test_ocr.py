@@ -21,7 +21,7 @@ from dsocr.runtime.generate import SamplingParams
 from dsocr.runtime.gguf_file import GGUFFile
 from dsocr.runtime.grounding import clean_markdown, draw_boxes, parse, save_outputs
 from dsocr.runtime.pdf import parse_pages
-from dsocr.runtime.preprocess import (ViewConfig, build_prompt_ids, candidate_grids, choose_grid, prepare_image,
+from dsocr.runtime.preprocess import (V1, ViewConfig, build_prompt_ids, candidate_grids, choose_grid, prepare_image,
                                       read_image_file)
 from dsocr.runtime.tap import Recorder
 from dsocr.runtime.vision import VisionModel
@@ -80,7 +80,7 @@ def tokenizer(converted):
 def test_prompt_ids_and_image_mask(tokenizer, name):
     meta, z = case(name)
     img = prepare_image(read_image_file(TINY / meta["image"]), view_of(meta))
-    ids, mask = build_prompt_ids(tokenizer, meta["prompt"], [img])
+    ids, mask = build_prompt_ids(tokenizer, meta["prompt"], [img], V1)
     assert ids == list(z["input_ids"]) and np.array_equal(mask, z["images_seq_mask"])
 
 

@@ -101,12 +101,12 @@ def test_vision_graph_names_each_stage_once_per_view(vision):
     rec = Recorder()
     rows = vision.encode_view(pixels, tap=rec)
     assert list(rec.values) == ["sam.inp_embd", *[f"sam.l_out-{i}" for i in range(p.sam_layers)], "sam.neck",
-                                "sam.out", "clip.inp_embd", *[f"clip.l_out-{i}" for i in range(p.clip_layers)],
+                                "sam.out", "clip.inp_embd", *[f"clip.l_out-{i}" for i in range(p.enc_layers)],
                                 "clip.out", "projector.out"]
     assert all(documented(name) for name in rec.values), [n for n in rec.values if not documented(n)]
     one = {name: v[0] for name, v in rec.values.items()}
-    assert one["sam.out"].shape == (4, p.clip_width) and one["clip.out"].shape == (5, p.clip_width)
-    assert np.array_equal(one["clip.out"], one[f"clip.l_out-{p.clip_layers - 1}"])
+    assert one["sam.out"].shape == (4, p.enc_width) and one["clip.out"].shape == (5, p.enc_width)
+    assert np.array_equal(one["clip.out"], one[f"clip.l_out-{p.enc_layers - 1}"])
     assert np.array_equal(one["projector.out"], rows)
     assert np.array_equal(vision.encode_view(pixels), rows)
     vision.encode_view(pixels, tap=rec)                   # a second view appends
