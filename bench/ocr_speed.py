@@ -4,11 +4,13 @@ on the same products (measured in this run), prefill and decode tokens/s, peak R
 Full-size random-weight files (real shapes) are written once under models/bench/: the mmproj in
 F16 and Q8_0 beside the Q8_0 language model (and Q4_K_M for the low-memory row). The page is a
 synthetic 1600x1200 document: base mode encodes one 1024 view; gundam encodes the 1024 global
-view plus 3x2 = 6 tiles of 640. Each row runs in its own process (peak RSS from wait4).
+view plus 3x2 = 6 tiles of 640. --model ocr2 runs DeepSeek-OCR 2's pair instead (its modes:
+gundam, the 1024 global view plus 3x2 = 6 tiles of 768 through SAM and the Qwen2 encoder; global,
+one 1024 view). Each row runs in its own process (peak RSS from wait4).
 With --device cuda the page runs on the GPU and vision is compared with the FP32 peak of a
 register-tiled SGEMM measured on the device (bench/cuda_baselines.py).
 
-    python bench/ocr_speed.py [--rows base:q8_0:f16,gundam:q8_0:f16,...] [--device cpu|cuda] [--json]
+    python bench/ocr_speed.py [--model ocr1|ocr2] [--rows base:q8_0:f16,gundam:q8_0:f16,...] [--device cpu|cuda] [--json]
 """
 
 import dsocr.runtime.thread_env  # noqa: E402,F401  (first: before numpy loads OpenBLAS)
@@ -40,7 +42,24 @@ def view_products(side: int) -> list[tuple[int, int, int, int]]:
     return prods
 
 
-def page_products(mode: str) -> list:
+def ocr2_view_products(side: int) -> list[tuple[int, int, int, int]]:
+    """(m, k, n, count) of every matrix product encoding one view of DeepSeek-OCR 2 (real model): SAM as
+    v1's but net_3 to 896, then the Qwen2 encoder over 2n rows (n SAM rows + n queries), projector."""
+    g = side // 16
+    n = g * g
+    nw = ((g + 13) // 14) ** 2
+    prods = [(n, 768, 768, 1), (n, 768, 2304, 12), (n, 768, 768, 12), (n, 768, 3072, 12), (n, 3072, 768, 12),
+             (n, 768, 256, 1), (n, 2304, 256, 1), (n // 4, 2304, 512, 1), (n // 16, 4608, 896, 1)]
+    prods += [(196, 64, 196, 2 * 12 * nw * 8), (n, 64, n, 2 * 12 * 4)]
+    s = 2 * (n // 16)
+    prods += [(s, 896, 896, 24), (s, 896, 128, 2 * 24), (s, 896, 896, 24), (s, 896, 4864, 2 * 24),
+              (s, 4864, 896, 24), (s, 64, s, 2 * 14 * 24), (n // 16, 896, 1280, 1)]
+    return prods
+
+
+def page_products(mode: str, model: str) -> list:
+    if model == "ocr2":
+        return ocr2_view_products(1024) + (ocr2_view_products(768) * 6 if mode == "gundam" else [])
     return view_products(1024) + (view_products(640) * 6 if mode == "gundam" else [])
 
 
@@ -60,11 +79,9 @@ def worker(mode: str, lm: str, mm: str, device: str) -> None:
     t = time.perf_counter()
     eng = OcrEngine(lm, mm, device=device)
     load_s = time.perf_counter() - t
-    view = ViewConfig.from_mode(mode)
+    view = ViewConfig.from_mode(mode, eng.layout)
     page = synthetic_page()
-    warm = OcrRequest([page.resize((320, 240))], view=ViewConfig.from_mode("tiny"),
-                      sampling=SamplingParams(max_new_tokens=2, ngram_mode="off"))
-    eng.run(warm)                                            # JIT cache, first page faults
+    eng.warm_up()                                            # JIT cache, first page faults
     res = GenerationResult()
     req = OcrRequest([page], view=view, sampling=SamplingParams(max_new_tokens=DECODE, ngram_mode="off"))
     for _ in eng.stream(req, res):
@@ -81,6 +98,7 @@ def main():
     ap.add_argument("--rows", default="base:q8_0:f16,gundam:q8_0:f16,gundam:q8_0:q8_0,gundam:q4_k_m:q8_0",
                     help="mode:lm_type:mmproj_type, comma separated")
     ap.add_argument("--models", default=str(MODELS))
+    ap.add_argument("--model", choices=("ocr1", "ocr2"), default="ocr1", help="DeepSeek-OCR or DeepSeek-OCR 2")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
@@ -88,19 +106,19 @@ def main():
     if args.worker:
         return worker(*args.worker)
     rows = [r.split(":") for r in args.rows.split(",")]
-    paths = {(lt, mt): random_model(args.models, lt, mt, which=("lm", "mmproj")) for _, lt, mt in rows}
+    paths = {(lt, mt): random_model(args.models, lt, mt, which=("lm", "mmproj"), model=args.model) for _, lt, mt in rows}
     if args.device == "cuda":
         import cuda_baselines
         peak = cuda_baselines.sgemm_peak()
-        baselines = {mode: device_gemm_baseline(page_products(mode), peak) for mode in {r[0] for r in rows}}
+        baselines = {mode: device_gemm_baseline(page_products(mode, args.model), peak) for mode in {r[0] for r in rows}}
     else:
-        baselines = {mode: sgemm_baseline(page_products(mode)) for mode in {r[0] for r in rows}}
+        baselines = {mode: sgemm_baseline(page_products(mode, args.model)) for mode in {r[0] for r in rows}}
     results = []
     for mode, lt, mt in rows:
         lm, mm = paths[(lt, mt)]["lm"], paths[(lt, mt)]["mmproj"]
         m, rss = run_worker(__file__, [mode, str(lm), str(mm), args.device])
         b = baselines[mode]
-        results.append({"mode": mode, "lm": lt, "mmproj": mt, "vision_s": round(m["vision_s"], 2),
+        results.append({"model": args.model, "mode": mode, "lm": lt, "mmproj": mt, "vision_s": round(m["vision_s"], 2),
                         "vision_gflops": round(b["flops"] / m["vision_s"] / 1e9, 1),
                         "sgemm_gflops": round(b["sgemm_gflops"], 1), "vision_ratio": round(b["sgemm_s"] / m["vision_s"], 3),
                         "prefill_tok_s": round(m["prefill_tok_s"], 1), "decode_tok_s": round(m["decode_tok_s"], 2),
@@ -109,7 +127,7 @@ def main():
     if args.json:
         print(json.dumps({"device": args.device, "results": results}, indent=1))
         return
-    cols = ["mode", "lm", "mmproj", "vision_s", "vision_gflops", "sgemm_gflops", "vision_ratio", "prefill_tok_s",
+    cols = ["model", "mode", "lm", "mmproj", "vision_s", "vision_gflops", "sgemm_gflops", "vision_ratio", "prefill_tok_s",
             "decode_tok_s", "prompt_tokens", "peak_rss_mb", "files_mb"]
     print("  ".join(f"{c:>13}" for c in cols))
     for r in results:

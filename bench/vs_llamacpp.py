@@ -26,7 +26,11 @@ Before the timed runs each engine runs once untimed (numba's cache, the page cac
 ratio = dsocr's speed over llama.cpp's, so > 1 means dsocr is faster (tok/s: dsocr / llama.cpp;
 seconds and MB: llama.cpp / dsocr).
 
-    python bench/vs_llamacpp.py [--stages lm,page,ids] [--threads N] [--llama-cpp DIR] [--json]
+--model ocr2 runs the page and ids stages on DeepSeek-OCR 2's pair (llama.cpp's projector deepseekocr2:
+768 tiles, its SAM position table resized without antialiasing and the global view's offset rounded half
+away from zero, so its ids leave the reference's on tiled pages; the ids stage's 640x640 page has none).
+
+    python bench/vs_llamacpp.py [--model ocr1|ocr2] [--stages lm,page,ids] [--threads N] [--llama-cpp DIR] [--json]
 """
 import os
 
@@ -250,6 +254,7 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="both engines (default: all cores)")
     ap.add_argument("--llama-cpp", type=Path, metavar="DIR", help="existing llama-bench and llama-mtmd-cli here")
     ap.add_argument("--models", type=Path, default=MODELS)
+    ap.add_argument("--model", choices=("ocr1", "ocr2"), default="ocr1", help="DeepSeek-OCR or DeepSeek-OCR 2")
     ap.add_argument("--build-only", action="store_true", help="build llama.cpp and stop")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -274,15 +279,15 @@ def main():
             results += rows("lm", weights, "-", med)
     if "page" in stages:
         lt, mt = args.page_weights.split(":")
-        pair = random_model(args.models, lt, mt, which=("lm", "mmproj"))
+        pair = random_model(args.models, lt, mt, which=("lm", "mmproj"), model=args.model)
         for size in map(parse_size, args.pages.split(",")):
             page = page_file(args.models, size)
             med = alternate(args.reps, {
                 "llamacpp": lambda: llama_page(bin_dir, pair["lm"], pair["mmproj"], page, args.threads),
                 "dsocr": lambda: dsocr_page(pair["lm"], pair["mmproj"], page, args.threads)})
-            results += rows("page", args.page_weights, f"{size[0]}x{size[1]}", med)
+            results += rows(f"{args.model} page", args.page_weights, f"{size[0]}x{size[1]}", med)
     if "ids" in stages:
-        pair = random_model(args.models, "f16", "f16", which=("lm", "mmproj"))
+        pair = random_model(args.models, "f16", "f16", which=("lm", "mmproj"), model=args.model)
         page = page_file(args.models, (640, 640))
         theirs = llama_greedy_ids(bin_dir, pair["lm"], pair["mmproj"], page, args.threads, IDS_COMPARED)
         ours = dsocr_page(pair["lm"], pair["mmproj"], page, args.threads, IDS_COMPARED)["token_ids"]

@@ -313,7 +313,7 @@ def test_vision_graph_runs_unchanged_on_the_device(be, converted):
     def encoder(backend):
         v = VisionModel(f, backend)
         if SIMULATED:
-            v.sam_blocks, v.clip_blocks = v.sam_blocks[:2], v.clip_blocks[:1]
+            v.sam_blocks, v.enc_blocks = v.sam_blocks[:2], v.enc_blocks[:1]
             v.p = dataclasses.replace(v.p, window=2, sam_layers=2, enc_layers=1)
         return v
     size = 64 if SIMULATED else 640
@@ -323,6 +323,33 @@ def test_vision_graph_runs_unchanged_on_the_device(be, converted):
     device = type(be)(threads_per_block=2) if SIMULATED else be
     assert rel_err(encoder(device).encode_view(pixels, tap=got_stages), want) < 1e-5
     for stage in ("sam.out", "clip.out"):          # the tap brings the device's intermediates to the host
+        assert rel_err(got_stages.values[stage][0], want_stages.values[stage][0]) < 1e-5, stage
+
+
+def test_ocr2_encoder_runs_unchanged_on_the_device(be, converted2):
+    """DeepSeek-OCR 2's Qwen2 encoder and projector on the device against the CPU backend (SAM is the
+    test above's): RoPE, GQA attention_prefix, RMSNorm, SiLU MLP, the final norm of the query rows. Its
+    input is random SAM rows: for the simulator 4 rows and 4 queries (both parts of the mask), one block;
+    on a GPU a 768 tile's 144 rows through every block."""
+    from dsocr.runtime.gguf_file import GGUFFile
+    from dsocr.runtime.tap import Recorder, callback
+    from dsocr.runtime.vision import VisionModel, run_steps
+    f = GGUFFile(converted2("f32", "f32")[1])
+    n = 4 if SIMULATED else 144
+    rows = np.random.default_rng(0).standard_normal((n, VisionModel(f, cpu).p.enc_width)).astype(np.float32)
+
+    def encode(backend, tap):
+        v = VisionModel(f, backend)
+        if SIMULATED:
+            v.enc_blocks = v.enc_blocks[:1]
+        queries = backend.take_rows(v.queries[max(v.queries)], np.arange(n)) if SIMULATED else v.query_table(n)
+        out = run_steps(v.qwen2(backend.asarray(rows), queries, callback(tap, backend)))
+        return backend.to_host(backend.matmul(out, v.proj_w))
+    want_stages, got_stages = Recorder("qwen2.*"), Recorder("qwen2.*")
+    want = encode(cpu, want_stages)
+    device = type(be)(threads_per_block=2) if SIMULATED else be
+    assert rel_err(encode(device, got_stages), want) < 1e-5
+    for stage in ("qwen2.l_out-0", "qwen2.out"):
         assert rel_err(got_stages.values[stage][0], want_stages.values[stage][0]) < 1e-5, stage
 
 
