@@ -9,6 +9,7 @@ from dsocr.cli.output import human_bytes, print_table, summarize_written
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from dsocr.convert.hub import DEFAULT_REPO
     from dsocr.convert.policy import LM_OUTTYPES, MMPROJ_OUTTYPES
 
     p = sub.add_parser("convert", help="Hugging Face checkpoint (folder or hub id) -> GGUF pair")
@@ -36,12 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("pull", help="download a checkpoint, or a ready-made GGUF pair, from the Hugging Face Hub",
                        description="Download from the Hugging Face Hub into its cache and verify the files. A "
-                       "checkpoint repo (default deepseek-ai/DeepSeek-OCR) is then converted with `dsocr convert`; a "
-                       "GGUF repo, ORG/NAME:QUANT as llama.cpp's -hf takes it, is linked into the models folder, "
+                       f"checkpoint repo (default {DEFAULT_REPO}; DeepSeek-OCR 2 is deepseek-ai/DeepSeek-OCR-2) is "
+                       "then converted with `dsocr convert`; a GGUF repo, ORG/NAME:QUANT as llama.cpp's -hf takes "
+                       "it, is linked into the models folder, "
                        "ready to run. The cache answers when HF_HUB_OFFLINE=1 is set or the hub cannot be reached.",
                        epilog="example: dsocr pull ggml-org/DeepSeek-OCR-GGUF:Q8_0")
     p.add_argument("repo", nargs="?", default=None, metavar="REPO[:QUANT]",
-                   help="hub repo id (default deepseek-ai/DeepSeek-OCR); :QUANT picks a GGUF repo's files")
+                   help=f"hub repo id (default {DEFAULT_REPO}); :QUANT picks a GGUF repo's files")
     p.add_argument("--revision", help="branch, tag or commit")
     p.add_argument("--config", metavar="FILE", help="config.toml, for the models folder")
     p.add_argument("--no-progress", action="store_true")

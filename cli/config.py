@@ -29,6 +29,7 @@ except ModuleNotFoundError:  # Python 3.10
 from platformdirs import user_config_path, user_data_path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dsocr.convert.hub import DEFAULT_REPO
 from dsocr.runtime.errors import InputError
 from dsocr.runtime.scheduler import DEFAULT_PARALLEL
 
@@ -45,13 +46,15 @@ class Section(BaseModel):
 class ModelEntry(Section):
     model: str = Field(description="language-model GGUF (relative to models.dir, or absolute)")
     mmproj: str = Field("", description="its vision GGUF (empty: the mmproj-*.gguf beside the model)")
-    repo: str = Field("deepseek-ai/DeepSeek-OCR", description="hub repo it is fetched from when missing")
+    repo: str = Field(DEFAULT_REPO, description="hub repo it is fetched from when missing")
     revision: str | None = Field(None, description="hub revision: branch, tag or commit (unset: the default "
                                                    "branch)", examples=["main"])
 
 
 def _builtin_entries() -> dict[str, ModelEntry]:
-    return {"deepseek-ocr": ModelEntry(model="DeepSeek-OCR-Q8_0.gguf", mmproj="mmproj-DeepSeek-OCR-F16.gguf")}
+    return {"deepseek-ocr": ModelEntry(model="DeepSeek-OCR-Q8_0.gguf", mmproj="mmproj-DeepSeek-OCR-F16.gguf"),
+            "deepseek-ocr-2": ModelEntry(model="DeepSeek-OCR-2-Q8_0.gguf", mmproj="mmproj-DeepSeek-OCR-2-F16.gguf",
+                                         repo="deepseek-ai/DeepSeek-OCR-2")}
 
 
 class Models(Section):
@@ -67,7 +70,8 @@ class Models(Section):
 
 
 class Inference(Section):
-    mode: str = Field("gundam", description="tiny | small | base | large | gundam")
+    mode: str = Field("gundam", description="DeepSeek-OCR: tiny | small | base | large | gundam; "
+                                            "DeepSeek-OCR 2: gundam | global")
     base_size: int = Field(0, description="global view size in pixels (0: the mode's)")
     image_size: int = Field(0, description="tile size in pixels (0: the mode's)")
     crop_mode: bool | None = Field(None, description="cut the image into tiles (unset: the mode's)", examples=[True])
@@ -86,19 +90,24 @@ class Inference(Section):
     max_pixels: int = Field(64_000_000, ge=1, description="larger images are refused (decompression-bomb guard)")
 
     # The one way from these settings to what the runtime takes; `dsocr ocr` and the server both use it.
-    def view(self, mode: str | None = None):
-        """The ViewConfig of `mode`, or with None, these settings' own: their mode, with base_size and
-        image_size (0: the mode's) and crop_mode (None: the mode's) over it. InputError for an unknown
-        mode or sizes the views cannot take."""
+    def view(self, mode: str | None = None, *, layout):
+        """The ViewConfig of `mode` for the model whose preprocess.Layout is `layout`, or with None, these
+        settings' own: their mode, with base_size and image_size (0: the mode's) and crop_mode (None: the
+        mode's) over it. InputError for a mode that model lacks or sizes its views cannot take."""
         from dsocr.runtime.preprocess import ViewConfig
         if mode is not None:
-            return ViewConfig.from_mode(mode)
-        view = ViewConfig.from_mode(self.mode)
+            return ViewConfig.from_mode(mode, layout)
+        view = ViewConfig.from_mode(self.mode, layout)
         view.base_size = self.base_size or view.base_size
         view.image_size = self.image_size or view.image_size
         view.crop_mode = view.crop_mode if self.crop_mode is None else self.crop_mode
         view.validate()
         return view
+
+    def check_mode(self) -> None:
+        """Refuses a mode no model has, before the model (and so which modes it has) is known."""
+        from dsocr.runtime.preprocess import check_mode_name
+        check_mode_name(self.mode)
 
     def sampling(self, **overrides):
         """The SamplingParams of these settings with `overrides` (decoding keys of this table; None: not

@@ -188,6 +188,19 @@ def entry_model(settings, name: str, entry: dict, progress: bool) -> tuple[Path,
     return fetch_entry(settings, name, entry, lm, mm, progress)
 
 
+def entries_on_disk(settings) -> dict[str, tuple[Path, Path]]:
+    """Config entry name -> its (language model, mmproj), for the entries whose pair is on disk: what
+    `dsocr serve` serves besides the pair it starts with. Nothing is fetched."""
+    from dsocr.runtime.engine import find_model_pair
+    found = {}
+    for name, entry in (settings["models"].get("entries") or {}).items():
+        try:
+            found[name] = find_model_pair(*entry_paths(name, entry, settings.models_dir(), settings.path))
+        except ModelError:           # not there (yet): `--model NAME` or a first `dsocr ocr` fetches it
+            continue
+    return found
+
+
 @dataclass
 class Installed:
     """A language model in the models folder and the mmproj the engine pairs it with."""

@@ -56,8 +56,11 @@ def find_model_pair(model: str | Path, mmproj: str | Path | None = None) -> tupl
         beside = sorted(model.parent.glob("mmproj*.gguf"))
         if not beside:
             raise ModelError(f"no mmproj-*.gguf beside {model}; pass --mmproj")
-        stem_match = [p for p in beside if _stem(model) in p.name]
-        mmproj = (stem_match or beside)[0]
+        prefix = f"mmproj-{_stem(model)}-"      # then the mmproj's type alone: -2 is another model's
+        named = [p for p in beside if p.name.startswith(prefix) and "-" not in p.name[len(prefix):-len(".gguf")]]
+        if not named and len(beside) > 1:
+            raise ModelError(f"several mmproj files beside {model.name} and none is {prefix}TYPE.gguf; pass --mmproj")
+        mmproj = (named or beside)[0]
     mmproj = Path(mmproj).expanduser()
     if not mmproj.is_file():
         raise ModelError(f"{mmproj}: no such mmproj file")

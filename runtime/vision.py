@@ -234,6 +234,10 @@ class Qwen2Block:
 class VisionModel:
     def __init__(self, f: GGUFFile, backend):
         self.file, self.be = f, backend
+        # per-model caches of the size-dependent tables (lru_cache on the methods would be one cache
+        # for the class, keeping every model ever loaded alive)
+        for name, size in (("sam_pos_table", 8), ("clip_pos_table", 8), ("device_table", 16), ("rel_tables", 64)):
+            setattr(self, name, lru_cache(maxsize=size)(getattr(self, name)))
         self.p = p = VisionParams.from_gguf(f)
         be = backend
         shapes = resolve_widths(vision_shapes(p), {name: x.shape for name, x in f.tensors.items()})
@@ -259,12 +263,10 @@ class VisionModel:
             self.enc_blocks = [ClipBlock(t, be, i) for i in range(p.enc_layers)]
             self.newline = t("v.image_newline").floats().reshape(-1)
 
-    # ---- tables for a grid size (computed once per size)
-    @lru_cache(maxsize=8)
+    # ---- tables for a grid size (computed once per size, cached per model: see __init__)
     def sam_pos_table(self, g: int) -> np.ndarray:
         return self.sam_pos if self.sam_pos.shape[0] == g else resize_grid_bicubic_aa(self.sam_pos, g)
 
-    @lru_cache(maxsize=8)
     def clip_pos_table(self, g: int) -> np.ndarray:
         src = int(math.isqrt(self.clip_pos.shape[0] - 1))
         if src == g:
@@ -272,7 +274,6 @@ class VisionModel:
         grid = resize_grid_bicubic_aa(self.clip_pos[1:].reshape(src, src, -1), g).reshape(g * g, -1)
         return np.concatenate([self.clip_pos[:1], grid])
 
-    @lru_cache(maxsize=16)
     def device_table(self, which: str, g: int):
         """Position tables for grid g (and the class row) on the backend, made once per size."""
         if which == "sam_pos":
@@ -281,7 +282,6 @@ class VisionModel:
             return self.be.asarray(self.clip_pos_table(g))
         return self.be.asarray(self.class_embd[None, :])
 
-    @lru_cache(maxsize=64)
     def rel_tables(self, block: int, size: int) -> tuple[np.ndarray, np.ndarray]:
         b = self.sam_blocks[block]
         return relative_table(b.rel_h, size), relative_table(b.rel_w, size)

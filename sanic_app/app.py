@@ -41,8 +41,9 @@ def cors_origin(allowed: frozenset[str], origin: str | None) -> str | None:
 
 
 def create_app(worker: EngineWorker, settings: dict, name: str = "dsocr") -> Sanic:
-    """worker: the engine's worker, ready (EngineWorker.wait_ready); settings: {"server": {...},
-    "inference": {...}} as merged by dsocr.cli.config, which checked their types and ranges."""
+    """worker: the engine's worker, ready (EngineWorker.wait_ready), with the models served (the first
+    the one it started with); settings: {"server": {...}, "inference": {...}} as merged by
+    dsocr.cli.config, which checked their types and ranges."""
     srv, inf = settings["server"], settings["inference"]
     # Sanic's own logging config would print its lines a second time (to stdout) next to the root
     # handler `dsocr serve` sets up; without it they go through that handler once.
@@ -54,7 +55,9 @@ def create_app(worker: EngineWorker, settings: dict, name: str = "dsocr") -> San
     app.config.KEEP_ALIVE_TIMEOUT = 30
     app.config.FALLBACK_ERROR_FORMAT = "json"     # not guessed per request (deprecated in Sanic)
     ctx = app.ctx
-    ctx.worker, ctx.engine, ctx.server, ctx.model_id = worker, worker.engine, srv, srv["model_id"]
+    ctx.worker, ctx.server = worker, srv
+    ctx.models = {m.id: m for m in worker.models}
+    ctx.model_id = worker.models[0].id
     ctx.inference = Inference(**inf)          # the requests' defaults, parsed once
     ctx.policy = FetchPolicy(allow_private=bool(srv["allow_private_urls"]), max_pixels=int(inf["max_pixels"]),
                              fetch_timeout=float(srv["fetch_timeout"]),

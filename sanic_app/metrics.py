@@ -55,6 +55,7 @@ class ServerMetrics:
             gauge.set_function(lambda attr=attr: getattr(ctx.worker, attr) if ctx.worker else 0)
 
         r.register(DecodeSteps(ctx))
+        r.register(ModelSwitches(ctx))
 
     def request_done(self, request, status: str, seconds: float) -> None:
         route = route_name(request)
@@ -72,8 +73,8 @@ class ServerMetrics:
 
 
 class DecodeSteps:
-    """The scheduler's decode steps by batch size, read at each scrape: their count and seconds, so
-    that N * steps / seconds is the throughput of N sequences decoding together."""
+    """The decode steps by batch size (of every model the worker has run), read at each scrape: their count
+    and seconds, so that N * steps / seconds is the throughput of N sequences decoding together."""
 
     def __init__(self, ctx):
         self.ctx = ctx
@@ -83,9 +84,21 @@ class DecodeSteps:
                                     labels=["batch"])
         seconds = CounterMetricFamily("dsocr_decode_step_seconds", "Seconds spent in decode steps, by batch size",
                                       labels=["batch"])
-        sched = self.ctx.worker.scheduler if self.ctx.worker else None
-        for n in sorted(sched.decode_steps) if sched else ():
-            steps.add_metric([str(n)], sched.decode_steps[n])
-            seconds.add_metric([str(n)], sched.decode_seconds[n])
+        counts, times = self.ctx.worker.decode_steps() if self.ctx.worker else ({}, {})
+        for n in sorted(counts):
+            steps.add_metric([str(n)], counts[n])
+            seconds.add_metric([str(n)], times[n])
         yield steps
         yield seconds
+
+
+class ModelSwitches:
+    """Times the resident model was replaced by another (a load and a warm-up each), read at each scrape."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def collect(self):
+        yield CounterMetricFamily("dsocr_model_switches", "Times another model was loaded in place of the "
+                                  "resident one (a load and a warm-up each)",
+                                  value=self.ctx.worker.switches if self.ctx.worker else 0)

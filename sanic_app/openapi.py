@@ -1,4 +1,5 @@
 """The OpenAPI 3.1 document served at /openapi.json."""
+from dsocr.runtime.preprocess import MODE_NAMES
 
 
 def _error():
@@ -24,8 +25,9 @@ def openapi_document(model_id: str) -> dict:
               "temperature": {"type": "number", "minimum": 0, "maximum": 2}, "top_p": {"type": "number", "minimum": 0, "maximum": 1},
               "top_k": {"type": "integer", "minimum": 0}, "seed": {"type": "integer", "minimum": 0},
               "no_repeat_ngram_size": {"type": "integer", "minimum": 0}, "ngram_window": {"type": "integer", "minimum": 1},
-              "mode": {"enum": ["tiny", "small", "base", "large", "gundam"],
-                       "description": "that mode's views (absent: the server's configured views)"},
+              "mode": {"enum": list(MODE_NAMES),
+                       "description": "that mode's views, one the requested model has (absent: the server's "
+                                      "configured views)"},
               "tools": {"type": "array", "maxItems": 0}, "tool_choice": {"const": "none"}}
     chat_req = {"type": "object", "required": ["model", "messages"], "properties": {
         **common, "messages": {"type": "array", "items": message}, "max_tokens": {"type": "integer", "minimum": 1},

@@ -23,7 +23,7 @@ from dsocr.cli.config import Inference
 from dsocr.runtime.engine import IMAGE_TOKEN as IMAGE_MARKER
 from dsocr.runtime.errors import InputError
 from dsocr.runtime.generate import SamplingParams
-from dsocr.runtime.preprocess import ViewConfig
+from dsocr.runtime.preprocess import Layout, ViewConfig
 from dsocr.sanic_app.errors import APIError
 
 IMAGE_PARTS = {"messages": "an image_url or file part", "input": "an input_image or input_file part"}   # per route
@@ -196,10 +196,10 @@ def _prompt_from_messages(messages, param: str, system_extra: str | None = None)
     return (head + "\n" + prompt if head else prompt), images
 
 
-def _view_and_sampling(body: dict, defaults: Inference,
+def _view_and_sampling(body: dict, defaults: Inference, layout: Layout,
                        max_keys: tuple[str, ...]) -> tuple[ViewConfig, SamplingParams]:
-    """The request's views (its `mode`'s, else the server's configured ones) and decoding parameters (its
-    values over the server's)."""
+    """The request's views for the model of `layout` (its `mode`'s, else the server's configured ones) and
+    decoding parameters (its values over the server's)."""
     max_new = None
     for k in max_keys:                   # the last one given wins
         max_new = _number(body, k, int, 1, None) or max_new
@@ -207,7 +207,7 @@ def _view_and_sampling(body: dict, defaults: Inference,
     if mode is not None and not isinstance(mode, str):
         raise _bad("'mode' must be a string", "mode")
     try:
-        view = defaults.view(mode)
+        view = defaults.view(mode, layout=layout)
     except InputError as e:
         raise _bad(str(e), "mode") from None
     sampling = defaults.sampling(
@@ -236,12 +236,14 @@ def _check_body(body) -> dict:
     return body
 
 
-def parse_chat(body, defaults: Inference | dict) -> ParsedRequest:
-    """`defaults`: the server's inference settings (an Inference, or its dict as load_settings merged it)."""
+def parse_chat(body, defaults: Inference | dict, layout: Layout) -> ParsedRequest:
+    """`defaults`: the server's inference settings (an Inference, or its dict as load_settings merged it);
+    `layout`: the requested model's (runtime.preprocess)."""
     body = _check_body(body)
     _refuse_unsupported(body, CHAT_UNSUPPORTED)
     prompt, images = _prompt_from_messages(body.get("messages"), "messages")
-    view, sampling = _view_and_sampling(body, Inference.model_validate(defaults), ("max_tokens", "max_completion_tokens"))
+    view, sampling = _view_and_sampling(body, Inference.model_validate(defaults), layout,
+                                        ("max_tokens", "max_completion_tokens"))
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise _bad("'stream_options' must be an object", "stream_options")
@@ -259,8 +261,8 @@ def _text_format(body: dict) -> None:
         raise _unsupported("text.format", TEXT_ONLY)
 
 
-def parse_responses(body, defaults: Inference | dict) -> ParsedRequest:
-    """`defaults`: as parse_chat's."""
+def parse_responses(body, defaults: Inference | dict, layout: Layout) -> ParsedRequest:
+    """`defaults`, `layout`: as parse_chat's."""
     body = _check_body(body)
     _refuse_unsupported(body, RESPONSES_UNSUPPORTED)
     _text_format(body)
@@ -272,7 +274,7 @@ def parse_responses(body, defaults: Inference | dict) -> ParsedRequest:
     if isinstance(inp, str):
         raise _image_required("input")          # a bare string: text only
     prompt, images = _prompt_from_messages(inp, "input", instructions)
-    view, sampling = _view_and_sampling(body, Inference.model_validate(defaults), ("max_output_tokens",))
+    view, sampling = _view_and_sampling(body, Inference.model_validate(defaults), layout, ("max_output_tokens",))
     return ParsedRequest(prompt, images, view, sampling, "input", body.get("stream", False),
                          instructions=instructions)
 

@@ -1,6 +1,7 @@
 """The route handlers. What they share lives in `request.app.ctx` (set up by dsocr.sanic_app.app):
-engine, model_id, inference (the request defaults), server (its settings), policy (image fetching),
-admission_decoder (its executor), worker (the engine worker, once the server runs) and metrics."""
+models (id -> ServedModel, what the server serves), model_id (the started model's), inference (the
+request defaults), server (its settings), policy (image fetching), admission_decoder (its executor),
+worker (the engine worker) and metrics."""
 from __future__ import annotations
 
 import asyncio
@@ -18,7 +19,7 @@ from dsocr.sanic_app.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dsocr.sanic_app.openapi import openapi_document
 from dsocr.sanic_app.protocol import (ParsedRequest, StopFilter, chat_chunk, chat_completion, new_id, parse_chat,
                                       parse_responses, response_object, usage_chat, usage_responses)
-from dsocr.sanic_app.worker import Job
+from dsocr.sanic_app.worker import Job, ServedModel, context_error
 
 log = logging.getLogger("dsocr.server")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -43,9 +44,10 @@ def add_routes(app: Sanic) -> None:
 
 async def health(request):
     w = request.app.ctx.worker
-    return response.json({"status": "ok", "model": request.app.ctx.model_id, "queued": w.waiting if w else 0,
-                          "running": w.running if w else 0, "parallel": w.parallel if w else 0,
-                          "busy": bool(w and w.busy)})
+    resident = w.resident if w else None          # the loaded model; None after a failed load
+    return response.json({"status": "ok", "model": resident.id if resident else None,
+                          "queued": w.waiting if w else 0, "running": w.running if w else 0,
+                          "parallel": w.parallel if w else 0, "busy": bool(w and w.busy)})
 
 
 async def metrics(request):
@@ -61,19 +63,25 @@ def model_object(model_id: str) -> dict:
 
 
 async def models(request):
-    return response.json({"object": "list", "data": [model_object(request.app.ctx.model_id)]})
+    return response.json({"object": "list", "data": [model_object(mid) for mid in request.app.ctx.models]})
+
+
+def served(request, mid: str) -> ServedModel:
+    """The served model named `mid`; else a 404 naming those served."""
+    found = request.app.ctx.models.get(mid)
+    if found is None:
+        raise APIError(404, f"the model {mid!r} does not exist (this server has "
+                            f"{', '.join(map(repr, request.app.ctx.models))})", "model", "model_not_found")
+    return found
 
 
 async def model(request, mid: str):
-    model_id = request.app.ctx.model_id
-    mid = unquote(mid)                  # clients send a model id's '/' as %2F; Sanic leaves it quoted
-    if mid != model_id:
-        raise APIError(404, f"the model {mid!r} does not exist", "model", "model_not_found")
-    return response.json(model_object(model_id))
+    # clients send a model id's '/' as %2F; Sanic leaves it quoted
+    return response.json(model_object(served(request, unquote(mid)).id))
 
 
-def body_of(request) -> dict:
-    model_id = request.app.ctx.model_id
+def body_of(request) -> tuple[dict, ServedModel]:
+    """The request's JSON object and the model it names."""
     try:
         body = json.loads(request.body or b"")
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -82,15 +90,12 @@ def body_of(request) -> dict:
         raise APIError(400, "the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
-    if body.get("model") != model_id:
-        if not isinstance(body.get("model"), str):
-            raise APIError(400, "'model' is required", "model")
-        raise APIError(404, f"the model {body['model']!r} does not exist (this server has {model_id!r})",
-                       "model", "model_not_found")
-    return body
+    if not isinstance(body.get("model"), str):
+        raise APIError(400, "'model' is required", "model")
+    return body, served(request, body["model"])
 
 
-async def make_job(request, parsed: ParsedRequest, rid: str) -> Job:
+async def make_job(request, parsed: ParsedRequest, model: ServedModel, rid: str) -> Job:
     ctx = request.app.ctx
     worker = ctx.worker
     if not worker.reserve():       # before any fetch or decode: a full queue costs nothing
@@ -98,12 +103,18 @@ async def make_job(request, parsed: ParsedRequest, rid: str) -> Job:
                        "queue_full", {"Retry-After": "5"})
     try:
         pages = await load_request_pages(parsed.image_refs, ctx.policy, ctx.admission_decoder)
-        try:
-            for page in pages:
-                await asyncio.to_thread(ctx.engine.check_context, parsed.prompt, [im.size for im in page], parsed.view)
-        except InputError as e:
-            raise APIError(400, str(e), parsed.messages_param, "context_length_exceeded") from None
-        job = Job(pages, parsed.prompt, parsed.view, parsed.sampling, asyncio.get_running_loop(), rid)
+        # The context check needs the model's tokenizer: the resident model's is here, before the job
+        # is queued; a job of another model is checked when it is admitted, once its model is loaded.
+        engine = worker.engine_of(model)
+        if engine is not None:
+            try:
+                for page in pages:
+                    await asyncio.to_thread(engine.check_context, parsed.prompt, [im.size for im in page],
+                                            parsed.view)
+            except InputError as e:
+                raise context_error(e, parsed.messages_param) from None
+        job = Job(pages, parsed.prompt, parsed.view, parsed.sampling, model, parsed.messages_param,
+                  asyncio.get_running_loop(), rid)
     except BaseException:          # a bad image, a cancelled request: the place goes back
         worker.release()
         raise
@@ -200,10 +211,11 @@ async def stream_job(request, job: Job, route: str, write, write_error) -> None:
 
 
 async def chat(request):
-    model_id = request.app.ctx.model_id
-    parsed = parse_chat(body_of(request), request.app.ctx.inference)
+    body, model = body_of(request)
+    model_id = model.id
+    parsed = parse_chat(body, request.app.ctx.inference, model.layout)
     rid = new_id("chatcmpl")
-    job = request.ctx.job = await make_job(request, parsed, rid)
+    job = request.ctx.job = await make_job(request, parsed, model, rid)
     stop = StopFilter(parsed.stop) if parsed.stop else None
     if not parsed.stream:
         text, result = await collect(request, job, stop, "chat")
@@ -232,10 +244,11 @@ async def chat(request):
 
 
 async def responses(request):
-    model_id = request.app.ctx.model_id
-    parsed = parse_responses(body_of(request), request.app.ctx.inference)
+    body, model = body_of(request)
+    model_id = model.id
+    parsed = parse_responses(body, request.app.ctx.inference, model.layout)
     rid, msg_id = new_id("resp"), new_id("msg")
-    job = request.ctx.job = await make_job(request, parsed, rid)
+    job = request.ctx.job = await make_job(request, parsed, model, rid)
     created = int(time.time())
 
     def final(text: str, result) -> dict:

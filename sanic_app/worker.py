@@ -1,4 +1,4 @@
-"""One engine, one thread driving its scheduler, a bounded queue in front of it.
+"""One engine at a time, one thread driving its scheduler, a bounded queue in front of it.
 
 A request reserves its place in the queue before its images are fetched or decoded, so a full
 queue is a 503 at once and costs nothing; the place is released if the request fails before it is
@@ -11,27 +11,54 @@ at the next step if it has, which frees their slots.
 
 A job of several pages (a PDF) runs each page as its own sequence; their text reaches the client
 in page order, each page after a heading, a page that finishes early waiting for those before it.
+
+The server may serve several models (ServedModel), one resident at a time. Jobs are taken in their
+order whatever their model: when the next one names another model, the worker takes no more, lets
+the resident model's sequences finish, drops its engine, builds and warms up the other model's, and
+goes on from that job. A model that fails to load fails that job; the next job loads its own model.
 """
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from dsocr.runtime.engine import OcrEngine, OcrRequest
 from dsocr.runtime.errors import InputError
 from dsocr.runtime.generate import GenerationResult, SamplingParams
 from dsocr.runtime.pdf import PAGE_SEPARATOR, page_heading
-from dsocr.runtime.preprocess import ViewConfig
+from dsocr.runtime.preprocess import Layout, ViewConfig
 from dsocr.sanic_app.errors import APIError
 from dsocr.sanic_app.images import EncodedImage
 
 log = logging.getLogger("dsocr.server")
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model the server answers for: the id clients send as `model`, its GGUF pair (resolved paths),
+    and its preprocess.Layout, read from the mmproj's header at start so that a request is checked
+    against its model's modes before that model is loaded."""
+    id: str
+    lm: Path
+    mmproj: Path
+    layout: Layout
+
+    @property
+    def files(self) -> tuple[Path, Path]:
+        return self.lm, self.mmproj
+
+
+def context_error(e: InputError, param: str) -> APIError:
+    """A prompt over the model's context (OcrEngine.check_context's refusal), as the API says it."""
+    return APIError(400, str(e), param, "context_length_exceeded")
 
 
 @dataclass
@@ -40,6 +67,8 @@ class Job:
     prompt: str
     view: ViewConfig
     sampling: SamplingParams
+    model: ServedModel
+    messages_param: str                  # what a context error names: "messages" or "input"
     loop: asyncio.AbstractEventLoop
     rid: str
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -114,37 +143,72 @@ class PagedJob:
 
 
 class EngineWorker:
-    """The engine's own thread: it builds the engine, warms it up and then serves, so that every
-    numba launch of the engine comes from this one thread. (Parallel kernels launched from two
-    threads make two OpenMP teams, more threads than cores, and libgomp then spins 1000 rounds
-    instead of GOMP_SPINCOUNT before sleeping: each small launch paid a wake-up, and decode in the
-    server ran at 17 tok/s where `dsocr ocr` ran at 25. numba's thread count is per thread too.)"""
+    """The engine's own thread: it builds each engine, warms it up and then serves, so that every
+    numba launch comes from this one thread. (Parallel kernels launched from two threads make two
+    OpenMP teams, more threads than cores, and libgomp then spins 1000 rounds instead of
+    GOMP_SPINCOUNT before sleeping: each small launch paid a wake-up, and decode in the server ran at
+    17 tok/s where `dsocr ocr` ran at 25. numba's thread count is per thread too.)
 
-    def __init__(self, make_engine: Callable[[], OcrEngine], max_queue: int):
-        self.max_queue = max_queue
-        self.engine: OcrEngine | None = None
+    `models`: what the server serves, the first loaded at start; `load(model)` builds its engine."""
+
+    def __init__(self, load: Callable[[ServedModel], OcrEngine], models: list[ServedModel], max_queue: int):
+        self.load, self.models, self.max_queue = load, models, max_queue
+        # the resident model and its engine, one reference so that a reader never pairs one with the
+        # other's; None after a failed load
+        self.loaded: tuple[ServedModel, OcrEngine] | None = None
         self.scheduler = None
-        self.parallel = 0                 # slots, once the engine is built
+        self.parallel = 0                 # slots, once the first engine is built
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.waiting = 0                  # reserved and queued jobs
+        self.switch_to: Job | None = None  # a job taken whose model is not resident: it waits for the drain
+        self.switches = 0                 # loads of another model after the first
+        self.waiting = 0                  # reserved and queued jobs (a job waiting for its model included)
         self.running = 0                  # sequences holding a slot of the scheduler
+        # decode steps by batch size, of the engines dropped so far (each scheduler counts its own)
+        self.past_steps: dict[int, int] = {}
+        self.past_seconds: dict[int, float] = {}
         self.lock = threading.Lock()
         self.stopping = False
         self.ready = threading.Event()
         self.failure: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(make_engine,), name="dsocr-engine", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="dsocr-engine", daemon=True)
         self.thread.start()
 
-    def wait_ready(self) -> OcrEngine:
-        """The engine, once built and warmed up on the worker thread; its failure re-raised here."""
+    def wait_ready(self) -> None:
+        """Returns once the first engine is built and warmed up on the worker thread; re-raises its failure."""
         self.ready.wait()
         if self.failure is not None:
             raise self.failure
-        return self.engine
 
     @property
     def busy(self) -> bool:
         return self.running > 0
+
+    @property
+    def engine(self) -> OcrEngine | None:
+        loaded = self.loaded
+        return loaded[1] if loaded else None
+
+    @property
+    def resident(self) -> ServedModel | None:
+        loaded = self.loaded
+        return loaded[0] if loaded else None
+
+    def engine_of(self, model: ServedModel) -> OcrEngine | None:
+        """The engine serving `model` now (a model of the same files counts), or None when another model
+        is resident, or none is."""
+        loaded = self.loaded
+        return loaded[1] if loaded and loaded[0].files == model.files else None
+
+    def decode_steps(self) -> tuple[dict[int, int], dict[int, float]]:
+        """Decode steps and their seconds by batch size, over every engine this worker has run."""
+        steps, seconds = dict(self.past_steps), dict(self.past_seconds)
+        sched = self.scheduler
+        if sched is not None:
+            for n, count in list(sched.decode_steps.items()):
+                steps[n] = steps.get(n, 0) + count
+            for n, s in list(sched.decode_seconds.items()):
+                seconds[n] = seconds.get(n, 0.0) + s
+        return steps, seconds
 
     def reserve(self) -> bool:
         """A place in the queue for a job about to be made; False when the queue is full."""
@@ -155,7 +219,7 @@ class EngineWorker:
         return True
 
     def release(self) -> None:
-        """Gives back a reserved place whose job was never submitted."""
+        """Gives back a reserved place whose job was never submitted (or has left the queue)."""
         with self.lock:
             self.waiting -= 1
 
@@ -166,11 +230,9 @@ class EngineWorker:
     def stop(self) -> None:
         self.jobs.put(None)
 
-    def _run(self, make_engine) -> None:
+    def _run(self) -> None:
         try:
-            self.engine = make_engine()
-            self.engine.warm_up()        # every kernel compiled (or loaded from numba's cache) before serving
-            self.scheduler, self.parallel = self.engine.scheduler, self.engine.scheduler.parallel
+            self._load(self.models[0])
         except BaseException as e:       # a bad model: wait_ready raises it on the caller's thread
             self.failure = e
             return
@@ -180,34 +242,94 @@ class EngineWorker:
             self._take_jobs()
             if self.stopping:
                 return
+            if self.switch_to is not None and self._idle():      # the resident model's sequences are done
+                self._switch()
+                continue
             try:
                 self.scheduler.step()
             except Exception:            # the scheduler ends failed sequences itself; this is a bug in it
                 log.exception("scheduler step failed")
             self.running = self.scheduler.running
 
+    def _load(self, model: ServedModel) -> None:
+        engine = self.load(model)
+        engine.warm_up()                 # every kernel compiled (or loaded from numba's cache) before serving
+        self.loaded, self.scheduler, self.parallel = (model, engine), engine.scheduler, engine.scheduler.parallel
+
+    def _unload(self) -> None:
+        """Drops the resident engine (its weights, caches and buffers), keeping its scheduler's counts."""
+        if self.scheduler is not None:
+            self.past_steps, self.past_seconds = self.decode_steps()
+        self.loaded = self.scheduler = None
+        self.running = 0
+        gc.collect()                     # its memory goes before the next model's is taken, cycles included
+
+    def _switch(self) -> None:
+        """Runs the job that waited for its model: that model replaces the resident one (a job cancelled
+        meanwhile loads nothing); a failed load fails the job, and leaves no model resident."""
+        job, self.switch_to = self.switch_to, None
+        if job.cancelled.is_set():
+            self.release()
+            return
+        old = self.resident.id if self.resident else "none"
+        log.info("model switch: %s -> %s (req=%s)", old, job.model.id, job.rid)
+        self.switches += 1
+        self._unload()
+        t0 = time.perf_counter()
+        failure = None
+        try:
+            self._load(job.model)
+        except Exception as e:           # a bad file: this job fails, the server stays up with no model
+            failure = f"{type(e).__name__}: {e}"
+        self.release()
+        if failure is not None:
+            gc.collect()                 # what the failed load had built
+            log.error("model %s failed to load: %s", job.model.id, failure)
+            job.finished = time.perf_counter()
+            # the reason names server paths: it goes to the log, the client gets the model and where to look
+            job.emit("error", APIError(500, f"the model {job.model.id!r} could not be loaded (the server's log "
+                                            "says why)", "model", "model_load_failed"))
+            return
+        log.info("model %s loaded and warmed up in %.1fs", job.model.id, time.perf_counter() - t0)
+        self._start(job)
+        self.running = self.scheduler.running
+
+    def _idle(self) -> bool:
+        return self.scheduler is None or self.scheduler.idle
+
     def _take_jobs(self) -> None:
-        """Moves queued jobs into the scheduler while it has free slots; waits for one when idle."""
-        sched = self.scheduler
-        while sched.running + len(sched.queue) < self.parallel:
+        """Moves queued jobs into the scheduler while it has free slots, waiting for one when idle; stops
+        at a job of a model not resident, which then waits in `switch_to`."""
+        while self.switch_to is None and (self.scheduler is None or
+                                          self.scheduler.running + len(self.scheduler.queue) < self.parallel):
             try:
-                job = self.jobs.get(block=sched.idle)
+                job = self.jobs.get(block=self._idle())
             except queue.Empty:
                 return
             if job is None:
                 self.stopping = True
                 return
-            with self.lock:
-                self.waiting -= 1
-            if not job.cancelled.is_set():
+            if job.cancelled.is_set():
+                self.release()
+            elif self.engine_of(job.model) is None:
+                self.switch_to = job
+            else:
+                self.release()
                 self._start(job)
-            self.running = sched.running
+                self.running = self.scheduler.running
 
     def _start(self, job: Job) -> None:
         job.started = time.perf_counter()
         paged = PagedJob(job)
         submitted = 0
         try:
+            # every job's context is checked on its own model, before its images are decoded (the route
+            # could check only the jobs of the model resident then)
+            for images in job.pages:
+                try:
+                    self.engine.check_context(job.prompt, [image.size for image in images], job.view)
+                except InputError as e:
+                    raise context_error(e, job.messages_param) from None
             for i, images in enumerate(job.pages):
                 request = OcrRequest([image.decode() for image in images], job.prompt, job.view, job.sampling)
                 self.engine.submit(request, paged.results[i], on_delta=lambda text, i=i: paged.delta(i, text),

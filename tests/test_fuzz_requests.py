@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import time
+from functools import partial
 
 import httpx
 import pytest
@@ -16,8 +17,12 @@ from PIL import Image
 from test_server import KEY, MODEL, data_url, server  # noqa: F401
 
 from dsocr.cli.config import DEFAULTS
+from dsocr.runtime.preprocess import V1
+from dsocr.sanic_app import protocol
 from dsocr.sanic_app.errors import APIError
-from dsocr.sanic_app.protocol import parse_chat, parse_responses
+
+parse_chat = partial(protocol.parse_chat, layout=V1)            # the tiny fixture's model
+parse_responses = partial(protocol.parse_responses, layout=V1)
 
 FUZZ = settings(derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
 

@@ -34,12 +34,18 @@ def data_url(path=IMAGE) -> str:
 
 
 def start_server(lm, mm, tmp_path, *extra):
+    return start_serve(tmp_path, "--model", lm, "--mmproj", mm, "--model-id", MODEL, *extra)
+
+
+def start_serve(tmp_path, *args):
+    """`dsocr serve ARGS` on a free port with tmp_path/config.toml, once /health answers; its log is
+    tmp_path/server-PORT.log. The data folder is tmp_path's: no models of the user's are served."""
     port = free_port()
     log = open(tmp_path / f"server-{port}.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "dsocr.cli.main", "serve", "--model", str(lm), "--mmproj", str(mm),
-                             "--port", str(port), "--model-id", MODEL, "--max-new-tokens", "16", *extra],
-                            stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "DSOCR_CONFIG": str(tmp_path / "config.toml")})
+    proc = subprocess.Popen([sys.executable, "-m", "dsocr.cli.main", "serve", "--port", str(port),
+                             "--max-new-tokens", "16", *map(str, args)], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "DSOCR_CONFIG": str(tmp_path / "config.toml"),
+                                 "XDG_DATA_HOME": str(tmp_path / "data")})
     base = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:

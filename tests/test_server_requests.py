@@ -21,11 +21,12 @@ from dsocr.cli.commands_serve import serve_settings
 from dsocr.cli.config import Inference, load_settings
 from dsocr.cli.main import build_parser
 from dsocr.runtime.pdf import render_pages
-from dsocr.runtime.preprocess import ViewConfig
+from dsocr.runtime.preprocess import V1, ViewConfig
 from dsocr.sanic_app import images
 from dsocr.sanic_app.errors import APIError
 from dsocr.sanic_app.images import FetchPolicy, load_request_pages
-from dsocr.sanic_app.protocol import parse_chat, parse_responses, response_object
+from dsocr.sanic_app.protocol import response_object
+from test_fuzz_requests import parse_chat, parse_responses
 
 from test_config import home  # noqa: F401  (the fixture: config and data folders moved under tmp_path)
 
@@ -136,8 +137,8 @@ def test_the_cli_and_the_server_build_the_same_views_and_decoding(home, config):
     path = home / "config.toml"
     path.write_text(config)
     settings = load_settings(str(path), environ={})
-    view, sampling, _ = checked_inference(settings)
-    inference = Inference(**settings["inference"])
+    inference, sampling, _ = checked_inference(settings)
+    view = inference.view(layout=V1)
     for parsed in (parse_chat(chat(image_part(PNG_URL)), inference),
                    parse_responses(responses(image_part(PNG_URL)), inference)):
         assert (parsed.view, parsed.sampling) == (view, sampling)
