@@ -32,9 +32,9 @@ RECORD_KEYS = {"document", "page", "path", "text", "token_ids", "prompt_tokens",
 ERROR_RECORD_KEYS = {"document", "page", "path", "attempts", "temperature", "failed", "error", "model"}
 
 
-def run_batch(*args, model, wait=True, **kwargs):
+def run_batch(*args, model, mode="tiny", wait=True, **kwargs):
     cmd = [sys.executable, "-m", "dsocr.cli.main", "batch", *map(str, args), "-m", model[0], "--mmproj", model[1],
-           "--mode", "tiny"]
+           "--mode", mode]
     env = {**os.environ, "DSOCR_CONFIG": os.devnull + ".toml"}
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kwargs)

@@ -201,3 +201,17 @@ def test_warm_up_runs_on_the_smallest_view(files):
     result = engine.run(OcrRequest([Image.open(TINY2 / meta["image"]).convert("RGB")], meta["prompt"], view_of(meta),
                                    SamplingParams(**GOLDEN_SAMPLING)))
     assert result.token_ids == list(z["generated_ids"])
+
+
+def test_batch_gives_the_golden_ids(converted2, tmp_path):
+    """`dsocr batch` resolves its views for the model it runs (--mode gundam is OCR 2's here). The tiny model
+    never stops, so the page ends at the token limit, which batch records as failed (exit 1) when no retry
+    is left: its ids are still the greedy ones."""
+    from test_batch import records, run_batch
+    meta, z = case("small_note_cropmode_noslices")
+    r = run_batch(TINY2 / meta["image"], "-o", tmp_path / "out", "-n", 16, "--prompt", meta["prompt"],
+                  "--no-repeat-ngram-size", 20, "--retries", 0, "-q", model=converted2("f32", "f32"), mode="gundam")
+    assert r.returncode == 1 and r.stderr == ""
+    (record,) = records(tmp_path / "out")
+    assert record["token_ids"] == list(z["generated_ids"]) and record["prompt_tokens"] == meta["seq_len"]
+    assert record["finish_reason"] == "length"
