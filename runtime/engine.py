@@ -121,7 +121,7 @@ class OcrEngine:
         """The prompt's token count, each <image> expanded to what an image of that (width, height) takes
         under `view`; refuses a prompt that leaves no room for one new token. Only the text is tokenized,
         so this is cheap enough to run before any pixel work."""
-        if view.layout is not self.layout:
+        if view.layout != self.layout:           # (equal, not the same object: views travel to Ray actors)
             raise InputError(f"views of {view.layout.model} asked of {self.layout.model}")
         view.validate()
         prompt = normalize_prompt(prompt, len(image_sizes))
