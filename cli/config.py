@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dsocr.convert.hub import DEFAULT_REPO
 from dsocr.runtime.errors import InputError
+from dsocr.runtime.preprocess import LAYOUTS
 from dsocr.runtime.scheduler import DEFAULT_PARALLEL
 
 
@@ -80,8 +81,9 @@ class Inference(Section):
     top_p: float = Field(1.0, description="0 to 1; 0 is greedy")
     top_k: int = Field(0, description="0 keeps every token")
     seed: int = Field(-1, description="-1 = random")
-    no_repeat_ngram_size: int = Field(30, description="windowed n-gram blocking (the official vLLM recipe); "
-                                                      "0 disables")
+    no_repeat_ngram_size: int | None = Field(
+        None, examples=[20], description="windowed n-gram blocking size (unset: the model's official recipe, "
+        + ", ".join(f"{layout.ngram_size} for {layout.model}" for layout in LAYOUTS.values()) + "); 0 disables")
     ngram_window: int = Field(90, description="tokens the n-gram blocking looks back over")
     threads: int = Field(0, description="CPU threads; 0 = all cores")
     device: str = Field("cpu", description="cpu | cuda")
@@ -121,7 +123,7 @@ class Inference(Section):
         return SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                               top_k=s.top_k, seed=None if s.seed < 0 else s.seed,
                               no_repeat_ngram_size=s.no_repeat_ngram_size, ngram_window=s.ngram_window,
-                              ngram_mode="window" if s.no_repeat_ngram_size > 0 else "off")
+                              ngram_mode="off" if s.no_repeat_ngram_size == 0 else "window")
 
 
 DECODING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "no_repeat_ngram_size", "ngram_window")

@@ -9,6 +9,7 @@ run, or the requests of a server's users, decode together: submit() them, then s
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +139,10 @@ class OcrEngine:
         """Queues the request as a sequence of the scheduler. Bad parameters and a prompt over the
         context are refused here (InputError), before any pixel work."""
         self._check(req)
-        return self.scheduler.submit(self._prompt(req, result.timings, progress), req.sampling, result, on_delta,
+        sampling = req.sampling
+        if sampling.no_repeat_ngram_size is None:          # the model's own recipe
+            sampling = dataclasses.replace(sampling, no_repeat_ngram_size=self.layout.ngram_size)
+        return self.scheduler.submit(self._prompt(req, result.timings, progress), sampling, result, on_delta,
                                      on_done, cancelled)
 
     def prepare(self, req: OcrRequest, timings: dict, progress=None) -> tuple[np.ndarray, list[int]]:

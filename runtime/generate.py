@@ -29,7 +29,7 @@ SAMPLING_RANGES = {
     "top_p": (lambda v: 0 <= v <= 1, "between 0 and 1 (0: greedy)"),
     "top_k": (lambda v: v >= 0, "at least 0 (0: no top-k cut)"),
     "seed": (lambda v: v is None or v >= 0, "at least 0"),
-    "no_repeat_ngram_size": (lambda v: v >= 0, "at least 0 (0: no n-gram blocking)"),
+    "no_repeat_ngram_size": (lambda v: v is None or v >= 0, "at least 0 (0: no n-gram blocking)"),
     "ngram_window": (lambda v: v >= 0, "at least 0"),
     "ngram_mode": (lambda v: v in NGRAM_MODES, " or ".join(NGRAM_MODES)),
 }
@@ -42,7 +42,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
-    no_repeat_ngram_size: int = 30
+    no_repeat_ngram_size: int | None = None    # None: the model's recipe (OcrEngine fills it in)
     ngram_window: int = 90
     ngram_mode: str = "window"           # "window" | "context" | "off"
     ngram_whitelist: tuple[str, ...] = ("<td>", "</td>")
@@ -90,7 +90,7 @@ class Sampler:
         self.whitelist = {i for t in params.ngram_whitelist if (i := tokenizer.tok.token_to_id(t)) is not None}
 
     def banned(self, generated: list[int]) -> set[int]:
-        n = self.p.no_repeat_ngram_size
+        n = self.p.no_repeat_ngram_size or 0       # None, with no model to say: no blocking
         if self.p.ngram_mode == "window":
             return banned_ngram_tokens(generated, n, max(0, len(generated) - self.p.ngram_window)) - self.whitelist
         if self.p.ngram_mode == "context":

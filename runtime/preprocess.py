@@ -34,7 +34,8 @@ IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "TIFF", "BMP", "PPM", "JPEG2000")
 
 @dataclass(frozen=True)
 class Layout:
-    """How one model cuts an image into views and lays their rows out (its reference's constants)."""
+    """How one model cuts an image into views and lays their rows out, and its decoding recipe (its
+    reference's constants)."""
     projector: str                # the mmproj's clip.projector_type
     model: str                    # its name in messages
     tile: int                     # tile side, and the size above which crop mode cuts tiles
@@ -45,15 +46,18 @@ class Layout:
     nocrop_pad_to_base: bool      # v2: without crop mode the image_size square is padded to base_size
     fixed_sizes: tuple[int, int] | None    # (base, tile) an encoder's learned tables fix (v2's query tables)
     modes: dict                   # name: (base_size, image_size, crop_mode)
+    ngram_size: int               # its official n-gram blocking (over the last 90 tokens, <td> </td> exempt)
 
 
 V1 = Layout("deepseekocr", "DeepSeek-OCR", tile=640, min_crops=2, max_crops=9, newlines=True, strip_prompt=True,
             nocrop_pad_to_base=False, fixed_sizes=None,
             modes={"tiny": (512, 512, False), "small": (640, 640, False), "base": (1024, 1024, False),
-                   "large": (1280, 1280, False), "gundam": (1024, 640, True)})
+                   "large": (1280, 1280, False), "gundam": (1024, 640, True)},
+            ngram_size=30)                                   # DeepSeek-OCR's vLLM recipe
 V2 = Layout("deepseekocr2", "DeepSeek-OCR 2", tile=768, min_crops=2, max_crops=6, newlines=False, strip_prompt=False,
             nocrop_pad_to_base=True, fixed_sizes=(1024, 768),
-            modes={"gundam": (1024, 768, True), "global": (1024, 768, False)})
+            modes={"gundam": (1024, 768, True), "global": (1024, 768, False)},
+            ngram_size=20)                                   # run_dpsk_ocr2_image.py
 LAYOUTS = {layout.projector: layout for layout in (V1, V2)}
 MODE_NAMES = tuple(dict.fromkeys(m for layout in LAYOUTS.values() for m in layout.modes))
 DEFAULT_MODE = "gundam"

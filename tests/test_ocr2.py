@@ -215,3 +215,19 @@ def test_batch_gives_the_golden_ids(converted2, tmp_path):
     (record,) = records(tmp_path / "out")
     assert record["token_ids"] == list(z["generated_ids"]) and record["prompt_tokens"] == meta["seq_len"]
     assert record["finish_reason"] == "length"
+
+
+def test_decoding_follows_each_models_recipe(files, converted):
+    """Unset, the n-gram blocking size is the model's official one (OCR 2: 20, run_dpsk_ocr2_image.py; v1: 30,
+    its vLLM recipe); a size given, 0 included, is kept."""
+    from dsocr.runtime.generate import GenerationResult
+    page = Image.open(TINY2 / "images" / "small_note.png").convert("RGB")
+    for pair, size in ((files, 20), (converted("f32", "f32"), 30)):
+        engine = OcrEngine(*pair)
+        for given, want in ((None, size), (0, 0), (7, 7)):
+            req = OcrRequest([page], "Free OCR.", ViewConfig.from_mode("gundam", engine.layout),
+                             SamplingParams(max_new_tokens=1, no_repeat_ngram_size=given))
+            seq = engine.submit(req, GenerationResult())
+            assert seq.params.no_repeat_ngram_size == want
+            for _ in engine.scheduler.stream(seq):      # let it end before the next
+                pass
