@@ -21,12 +21,12 @@ from PIL import Image
 from dsocr.runtime.errors import InputError, ModelError
 from dsocr.runtime.generate import GenerationResult, SamplingParams
 from dsocr.runtime.gguf_file import GGUFFile
-from dsocr.runtime.language import LanguageModel, Segment
-from dsocr.runtime.preprocess import (ViewConfig, build_prompt_ids, image_token_count, layout_prompt_ids,
+from dsocr.runtime.language import LanguageModel, LMParams, Segment
+from dsocr.runtime.preprocess import (Layout, ViewConfig, build_prompt_ids, image_token_count, layout_prompt_ids,
                                       prepare_image, view_grid)
 from dsocr.runtime.scheduler import DEFAULT_PARALLEL, Scheduler, Sequence
 from dsocr.runtime.tokenizer import TextTokenizer
-from dsocr.runtime.vision import VisionModel, run_steps
+from dsocr.runtime.vision import VisionModel, read_layout, run_steps
 
 IMAGE_TOKEN = "<image>"
 # The prompts DeepSeek-OCR was trained on (its README); `locate` takes the thing to find.
@@ -101,6 +101,36 @@ def normalize_prompt(prompt: str, n_images: int) -> str:
     return prompt
 
 
+@dataclass(frozen=True)
+class ContextCheck:
+    """A model's prompt length check: its tokenizer, layout and training context. It needs neither
+    weights nor pixels, so a server checks requests for a model that is not loaded (from_files)."""
+    tokenizer: TextTokenizer
+    layout: Layout
+    n_ctx: int
+
+    @classmethod
+    def from_files(cls, lm: Path, mmproj: Path) -> ContextCheck:
+        """From the pair's headers (the LM's tokenizer and context; the mmproj's projector type)."""
+        f = GGUFFile(lm)
+        return cls(TextTokenizer.from_gguf(f), read_layout(mmproj), LMParams.from_gguf(f).n_ctx_train)
+
+    def __call__(self, prompt: str, image_sizes: list[tuple[int, int]], view: ViewConfig) -> int:
+        """The prompt's token count, each <image> expanded to what an image of that (width, height) takes
+        under `view`; refuses a prompt that leaves no room for one new token. Only the text is tokenized,
+        so this is cheap enough to run before any pixel work."""
+        if view.layout != self.layout:           # (equal, not the same object: views travel to Ray actors)
+            raise InputError(f"views of {view.layout.model} asked of {self.layout.model}")
+        view.validate()
+        prompt = normalize_prompt(prompt, len(image_sizes))
+        counts = [image_token_count(view, view_grid(w, h, view)) for w, h in image_sizes]
+        n = len(layout_prompt_ids(self.tokenizer, prompt, counts, self.layout, IMAGE_TOKEN)[0])
+        if n + 1 > self.n_ctx:
+            raise InputError(f"the prompt is {n} tokens; the model's context is {self.n_ctx} "
+                             f"(the prompt and at least one new token must fit)")
+        return n
+
+
 class OcrEngine:
     def __init__(self, model: str | Path, mmproj: str | Path | None = None, device: str = "cpu",
                  threads: int | None = None, parallel: int = DEFAULT_PARALLEL):
@@ -115,24 +145,13 @@ class OcrEngine:
                              f"has width {self.lm.p.n_embd}: not a matching pair")
         self.layout = self.vision.p.layout          # which model's views and token layout (preprocess.Layout)
         self.tokenizer = TextTokenizer.from_gguf(lm_file)
+        self.context = ContextCheck(self.tokenizer, self.layout, self.lm.p.n_ctx_train)
         self.image_id = self.tokenizer.token_id(IMAGE_TOKEN)
         self.scheduler = Scheduler(self.lm, self.tokenizer, parallel)
 
     def check_context(self, prompt: str, image_sizes: list[tuple[int, int]], view: ViewConfig) -> int:
-        """The prompt's token count, each <image> expanded to what an image of that (width, height) takes
-        under `view`; refuses a prompt that leaves no room for one new token. Only the text is tokenized,
-        so this is cheap enough to run before any pixel work."""
-        if view.layout != self.layout:           # (equal, not the same object: views travel to Ray actors)
-            raise InputError(f"views of {view.layout.model} asked of {self.layout.model}")
-        view.validate()
-        prompt = normalize_prompt(prompt, len(image_sizes))
-        counts = [image_token_count(view, view_grid(w, h, view)) for w, h in image_sizes]
-        n = len(layout_prompt_ids(self.tokenizer, prompt, counts, self.layout, IMAGE_TOKEN)[0])
-        n_ctx = self.lm.p.n_ctx_train
-        if n + 1 > n_ctx:
-            raise InputError(f"the prompt is {n} tokens; the model's context is {n_ctx} "
-                             f"(the prompt and at least one new token must fit)")
-        return n
+        """ContextCheck's count for this engine's model."""
+        return self.context(prompt, image_sizes, view)
 
     def submit(self, req: OcrRequest, result: GenerationResult, on_delta=None, on_done=None,
                cancelled=lambda: False, progress=None) -> Sequence:

@@ -12,14 +12,14 @@ from urllib.parse import unquote
 
 from sanic import Sanic, response
 
-from dsocr.runtime.errors import InputError
+from dsocr.runtime.errors import InputError, ModelError
 from dsocr.sanic_app.errors import APIError, error_body
 from dsocr.sanic_app.images import load_request_pages
 from dsocr.sanic_app.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dsocr.sanic_app.openapi import openapi_document
 from dsocr.sanic_app.protocol import (ParsedRequest, StopFilter, chat_chunk, chat_completion, new_id, parse_chat,
                                       parse_responses, response_object, usage_chat, usage_responses)
-from dsocr.sanic_app.worker import Job, ServedModel, context_error
+from dsocr.sanic_app.worker import Job, ServedModel, load_failure
 
 log = logging.getLogger("dsocr.server")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -103,18 +103,18 @@ async def make_job(request, parsed: ParsedRequest, model: ServedModel, rid: str)
                        "queue_full", {"Retry-After": "5"})
     try:
         pages = await load_request_pages(parsed.image_refs, ctx.policy, ctx.admission_decoder)
-        # The context check needs the model's tokenizer: the resident model's is here, before the job
-        # is queued; a job of another model is checked when it is admitted, once its model is loaded.
+        # the requested model's tokenizer and context: the resident engine's, or read from its files
         engine = worker.engine_of(model)
-        if engine is not None:
-            try:
-                for page in pages:
-                    await asyncio.to_thread(engine.check_context, parsed.prompt, [im.size for im in page],
-                                            parsed.view)
-            except InputError as e:
-                raise context_error(e, parsed.messages_param) from None
-        job = Job(pages, parsed.prompt, parsed.view, parsed.sampling, model, parsed.messages_param,
-                  asyncio.get_running_loop(), rid)
+        try:
+            check = engine.context if engine is not None else await asyncio.to_thread(lambda: model.context)
+        except ModelError as e:    # its files do not read: refused here, the resident model stays
+            raise load_failure(model, e) from None
+        try:
+            for page in pages:
+                await asyncio.to_thread(check, parsed.prompt, [im.size for im in page], parsed.view)
+        except InputError as e:
+            raise APIError(400, str(e), parsed.messages_param, "context_length_exceeded") from None
+        job = Job(pages, parsed.prompt, parsed.view, parsed.sampling, model, asyncio.get_running_loop(), rid)
     except BaseException:          # a bad image, a cancelled request: the place goes back
         worker.release()
         raise

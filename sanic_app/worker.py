@@ -27,10 +27,11 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
-from dsocr.runtime.engine import OcrEngine, OcrRequest
+from dsocr.runtime.engine import ContextCheck, OcrEngine, OcrRequest
 from dsocr.runtime.errors import InputError
 from dsocr.runtime.generate import GenerationResult, SamplingParams
 from dsocr.runtime.pdf import PAGE_SEPARATOR, page_heading
@@ -55,10 +56,19 @@ class ServedModel:
     def files(self) -> tuple[Path, Path]:
         return self.lm, self.mmproj
 
+    @cached_property
+    def context(self) -> ContextCheck:
+        """Its prompt-length check, read from the pair's headers on first use: a request for a model not
+        loaded is refused before it is queued, without a switch."""
+        return ContextCheck.from_files(self.lm, self.mmproj)
 
-def context_error(e: InputError, param: str) -> APIError:
-    """A prompt over the model's context (OcrEngine.check_context's refusal), as the API says it."""
-    return APIError(400, str(e), param, "context_length_exceeded")
+
+def load_failure(model: ServedModel, e: Exception) -> APIError:
+    """A model whose files do not load. The reason names server paths: it goes to the log, the client
+    gets the model and where to look."""
+    log.error("model %s failed to load: %s: %s", model.id, type(e).__name__, e)
+    return APIError(500, f"the model {model.id!r} could not be loaded (the server's log says why)", "model",
+                    "model_load_failed")
 
 
 @dataclass
@@ -68,7 +78,6 @@ class Job:
     view: ViewConfig
     sampling: SamplingParams
     model: ServedModel
-    messages_param: str                  # what a context error names: "messages" or "input"
     loop: asyncio.AbstractEventLoop
     rid: str
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -280,15 +289,12 @@ class EngineWorker:
         try:
             self._load(job.model)
         except Exception as e:           # a bad file: this job fails, the server stays up with no model
-            failure = f"{type(e).__name__}: {e}"
+            failure = e
         self.release()
         if failure is not None:
             gc.collect()                 # what the failed load had built
-            log.error("model %s failed to load: %s", job.model.id, failure)
             job.finished = time.perf_counter()
-            # the reason names server paths: it goes to the log, the client gets the model and where to look
-            job.emit("error", APIError(500, f"the model {job.model.id!r} could not be loaded (the server's log "
-                                            "says why)", "model", "model_load_failed"))
+            job.emit("error", load_failure(job.model, failure))
             return
         log.info("model %s loaded and warmed up in %.1fs", job.model.id, time.perf_counter() - t0)
         self._start(job)
@@ -323,13 +329,6 @@ class EngineWorker:
         paged = PagedJob(job)
         submitted = 0
         try:
-            # every job's context is checked on its own model, before its images are decoded (the route
-            # could check only the jobs of the model resident then)
-            for images in job.pages:
-                try:
-                    self.engine.check_context(job.prompt, [image.size for image in images], job.view)
-                except InputError as e:
-                    raise context_error(e, job.messages_param) from None
             for i, images in enumerate(job.pages):
                 request = OcrRequest([image.decode() for image in images], job.prompt, job.view, job.sampling)
                 self.engine.submit(request, paged.results[i], on_delta=lambda text, i=i: paged.delta(i, text),

@@ -85,9 +85,10 @@ def pairs(converted, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two(pairs, tmp_path_factory):
+def two(pairs, converted2, tmp_path_factory):
     """A server started on the f32 pair, with entries: Q8 (on disk), the f32 pair again, one whose language
-    model is cut short (its mmproj is fine, so it is served and fails when loaded), one whose mmproj is
+    model is cut short (its mmproj is fine, so it is served, and refused when its header is read), one
+    whose files read but do not pair (v1's LM, OCR 2's mmproj: it fails when loaded), one whose mmproj is
     not a GGUF (not served), one not on disk (not served)."""
     (f32_lm, f32_mm), (q8_lm, q8_mm), _ = pairs
     tmp = tmp_path_factory.mktemp("server-models")
@@ -96,7 +97,8 @@ def two(pairs, tmp_path_factory):
     junk = tmp / "mmproj-junk-F16.gguf"
     junk.write_bytes(b"not a gguf")
     write_config(tmp, {Q8: (q8_lm, q8_mm), "same-f32": (f32_lm, f32_mm), "broken": (broken, q8_mm),
-                       "junk-mmproj": (q8_lm, junk), "absent": (tmp / "absent-Q8_0.gguf", q8_mm)})
+                       "mismatched": (q8_lm, converted2("f32", "f32")[1]), "junk-mmproj": (q8_lm, junk),
+                       "absent": (tmp / "absent-Q8_0.gguf", q8_mm)})
     proc, base = start_server(f32_lm, f32_mm, tmp, *ONE_THREAD)
     yield base, tmp / f"server-{base.rsplit(':', 1)[1]}.log"
     proc.terminate()
@@ -106,8 +108,8 @@ def two(pairs, tmp_path_factory):
 def test_models_lists_each_served_model(two):
     base, log = two
     client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
-    assert [m.id for m in client.models.list().data] == [MODEL, Q8, "broken"]
-    for mid in (MODEL, Q8, "broken"):
+    assert [m.id for m in client.models.list().data] == [MODEL, Q8, "broken", "mismatched"]
+    for mid in (MODEL, Q8, "broken", "mismatched"):
         assert client.models.retrieve(mid).id == mid
     assert_error(httpx.get(base + "/v1/models/absent"), 404, "model", "model_not_found", "'tiny-ocr', 'tiny-q8'")
     text = log.read_text()
@@ -213,32 +215,46 @@ def test_a_job_whose_client_left_before_its_switch_loads_nothing(two):
     assert switches(base) == before and health(base)["model"] == MODEL
 
 
-def test_a_model_that_fails_to_load_fails_its_request_and_the_server_goes_on(two, pairs):
+def test_a_model_whose_files_do_not_read_is_refused_before_any_switch(two, pairs):
     base, log = two
     before = switches(base)
     r = chat(base, "broken")
     assert_error(r, 500, "model", "model_load_failed", "'broken' could not be loaded")
     assert str(FIXTURES) not in r.text and "broken-Q8_0.gguf" not in r.text       # the reason is the log's
-    assert health(base)["model"] is None
     wait_until(lambda: "model broken failed to load: ModelError: " in log.read_text())
     assert "broken-Q8_0.gguf" in log.read_text()
+    assert health(base)["model"] == MODEL and switches(base) == before
+    ok = chat(base, MODEL)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == pairs[2][MODEL]
+
+
+def test_a_model_that_fails_to_load_fails_its_request_and_the_server_goes_on(two, pairs):
+    base, log = two
+    before = switches(base)
+    r = chat(base, "mismatched", mode="gundam")       # its layout is its mmproj's: OCR 2
+    assert_error(r, 500, "model", "model_load_failed", "'mismatched' could not be loaded")
+    assert "mmproj-tiny-dsocr2" not in r.text                                    # the reason is the log's
+    assert health(base)["model"] is None
+    wait_until(lambda: "model mismatched failed to load: ModelError: " in log.read_text())
+    assert "not a matching pair" in log.read_text()
     ok = chat(base, MODEL)
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == pairs[2][MODEL]
     assert health(base)["model"] == MODEL and switches(base) - before == 2
 
 
 def test_the_context_check_is_the_requested_models(two):
-    """Over the context: refused before queueing on the resident model, at admission on another (its
-    tokenizer is loaded with it), the same 400 either way; streamed, the latter is the stream's error."""
+    """Over the context: refused before queueing on whichever model is asked for, the resident one (its
+    engine's check) or another (its tokenizer and context read from its files), streamed or not, and no
+    switch is made for a refused request."""
     base, _ = two
     assert chat(base, MODEL).status_code == 200
+    before = switches(base)
     for mid in (MODEL, Q8, MODEL):
         assert_error(chat(base, mid, text=WORDS), 400, "messages", "context_length_exceeded", "the prompt is")
-    with httpx.stream("POST", base + "/v1/chat/completions", timeout=120,
-                      json={"model": Q8, "messages": user_message(WORDS), "mode": "tiny", "stream": True}) as r:
-        assert r.status_code == 200
-        events = [line for line in r.iter_lines() if line.startswith("data: ")]
-    assert '"code": "context_length_exceeded"' in events[-1] and '"param": "messages"' in events[-1], events
+    r = httpx.post(base + "/v1/chat/completions", timeout=120,
+                   json={"model": Q8, "messages": user_message(WORDS), "mode": "tiny", "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert switches(base) == before and health(base)["model"] == MODEL
     assert health(base)["status"] == "ok" and chat(base, MODEL).status_code == 200
 
 
