@@ -103,17 +103,18 @@ def normalize_prompt(prompt: str, n_images: int) -> str:
 
 @dataclass(frozen=True)
 class ContextCheck:
-    """A model's prompt length check: its tokenizer, layout and training context. It needs neither
-    weights nor pixels, so a server checks requests for a model that is not loaded (from_files)."""
+    """A model's prompt length check: its tokenizer, layout and language-model settings (their training
+    context). It needs neither weights nor pixels, so a server checks requests for a model that is not
+    loaded (from_files)."""
     tokenizer: TextTokenizer
     layout: Layout
-    n_ctx: int
+    lm: LMParams
 
     @classmethod
     def from_files(cls, lm: Path, mmproj: Path) -> ContextCheck:
         """From the pair's headers (the LM's tokenizer and context; the mmproj's projector type)."""
         f = GGUFFile(lm)
-        return cls(TextTokenizer.from_gguf(f), read_layout(mmproj), LMParams.from_gguf(f).n_ctx_train)
+        return cls(TextTokenizer.from_gguf(f), read_layout(mmproj), LMParams.from_gguf(f))
 
     def __call__(self, prompt: str, image_sizes: list[tuple[int, int]], view: ViewConfig) -> int:
         """The prompt's token count, each <image> expanded to what an image of that (width, height) takes
@@ -125,8 +126,9 @@ class ContextCheck:
         prompt = normalize_prompt(prompt, len(image_sizes))
         counts = [image_token_count(view, view_grid(w, h, view)) for w, h in image_sizes]
         n = len(layout_prompt_ids(self.tokenizer, prompt, counts, self.layout, IMAGE_TOKEN)[0])
-        if n + 1 > self.n_ctx:
-            raise InputError(f"the prompt is {n} tokens; the model's context is {self.n_ctx} "
+        n_ctx = self.lm.n_ctx_train
+        if n + 1 > n_ctx:
+            raise InputError(f"the prompt is {n} tokens; the model's context is {n_ctx} "
                              f"(the prompt and at least one new token must fit)")
         return n
 
@@ -145,7 +147,7 @@ class OcrEngine:
                              f"has width {self.lm.p.n_embd}: not a matching pair")
         self.layout = self.vision.p.layout          # which model's views and token layout (preprocess.Layout)
         self.tokenizer = TextTokenizer.from_gguf(lm_file)
-        self.context = ContextCheck(self.tokenizer, self.layout, self.lm.p.n_ctx_train)
+        self.context = ContextCheck(self.tokenizer, self.layout, self.lm.p)
         self.image_id = self.tokenizer.token_id(IMAGE_TOKEN)
         self.scheduler = Scheduler(self.lm, self.tokenizer, parallel)
 
