@@ -27,34 +27,33 @@ from common import MODELS, device_gemm_baseline, random_model, run_worker, sgemm
 DECODE = 32
 
 
-def view_products(side: int) -> list[tuple[int, int, int, int]]:
-    """(m, k, n, count) of every matrix product encoding one side x side view (real model)."""
+def sam_products(side: int, out_width: int) -> list[tuple[int, int, int, int]]:
+    """(m, k, n, count) of SAM ViT-B's matrix products on one side x side view (real model), its
+    net_3 projecting to `out_width` (CLIP's 1024, or OCR 2's encoder's 896)."""
     g = side // 16
     n = g * g
     nw = ((g + 13) // 14) ** 2
     prods = [(n, 768, 768, 1), (n, 768, 2304, 12), (n, 768, 768, 12), (n, 768, 3072, 12), (n, 3072, 768, 12),
-             (n, 768, 256, 1), (n, 2304, 256, 1), (n // 4, 2304, 512, 1), (n // 16, 4608, 1024, 1)]
+             (n, 768, 256, 1), (n, 2304, 256, 1), (n // 4, 2304, 512, 1), (n // 16, 4608, out_width, 1)]
     # attention: windowed blocks (8) over nw windows of 196, global blocks (4) over all n; 12 heads of 64
-    prods += [(196, 64, 196, 2 * 12 * nw * 8), (n, 64, n, 2 * 12 * 4)]
-    c = n // 16 + 1
-    prods += [(c, 1024, 3072, 24), (c, 1024, 1024, 24), (c, 1024, 4096, 24), (c, 4096, 1024, 24),
-              (c, 64, c, 2 * 16 * 24), (c - 1, 2048, 1280, 1)]
-    return prods
+    return prods + [(196, 64, 196, 2 * 12 * nw * 8), (n, 64, n, 2 * 12 * 4)]
+
+
+def view_products(side: int) -> list[tuple[int, int, int, int]]:
+    """Every product encoding one view of DeepSeek-OCR: SAM, CLIP-L over 1 + n/16 rows, projector."""
+    c = (side // 64) ** 2 + 1
+    return sam_products(side, 1024) + [(c, 1024, 3072, 24), (c, 1024, 1024, 24), (c, 1024, 4096, 24),
+                                       (c, 4096, 1024, 24), (c, 64, c, 2 * 16 * 24), (c - 1, 2048, 1280, 1)]
 
 
 def ocr2_view_products(side: int) -> list[tuple[int, int, int, int]]:
-    """(m, k, n, count) of every matrix product encoding one view of DeepSeek-OCR 2 (real model): SAM as
-    v1's but net_3 to 896, then the Qwen2 encoder over 2n rows (n SAM rows + n queries), projector."""
-    g = side // 16
-    n = g * g
-    nw = ((g + 13) // 14) ** 2
-    prods = [(n, 768, 768, 1), (n, 768, 2304, 12), (n, 768, 768, 12), (n, 768, 3072, 12), (n, 3072, 768, 12),
-             (n, 768, 256, 1), (n, 2304, 256, 1), (n // 4, 2304, 512, 1), (n // 16, 4608, 896, 1)]
-    prods += [(196, 64, 196, 2 * 12 * nw * 8), (n, 64, n, 2 * 12 * 4)]
-    s = 2 * (n // 16)
-    prods += [(s, 896, 896, 24), (s, 896, 128, 2 * 24), (s, 896, 896, 24), (s, 896, 4864, 2 * 24),
-              (s, 4864, 896, 24), (s, 64, s, 2 * 14 * 24), (n // 16, 896, 1280, 1)]
-    return prods
+    """Every product encoding one view of DeepSeek-OCR 2: SAM, the Qwen2 encoder over 2n rows (n SAM rows
+    + n queries), projector."""
+    n = (side // 64) ** 2
+    s = 2 * n
+    return sam_products(side, 896) + [(s, 896, 896, 24), (s, 896, 128, 2 * 24), (s, 896, 896, 24),
+                                      (s, 896, 4864, 2 * 24), (s, 4864, 896, 24), (s, 64, s, 2 * 14 * 24),
+                                      (n, 896, 1280, 1)]
 
 
 def page_products(mode: str, model: str) -> list:

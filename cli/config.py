@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dsocr.convert.hub import DEFAULT_REPO
 from dsocr.runtime.errors import InputError
-from dsocr.runtime.preprocess import LAYOUTS
+from dsocr.runtime.preprocess import DEFAULT_MODE, LAYOUTS
 from dsocr.runtime.scheduler import DEFAULT_PARALLEL
 
 
@@ -71,7 +71,7 @@ class Models(Section):
 
 
 class Inference(Section):
-    mode: str = Field("gundam", description="DeepSeek-OCR: tiny | small | base | large | gundam; "
+    mode: str = Field(DEFAULT_MODE, description="DeepSeek-OCR: tiny | small | base | large | gundam; "
                                             "DeepSeek-OCR 2: gundam | global")
     base_size: int = Field(0, description="global view size in pixels (0: the mode's)")
     image_size: int = Field(0, description="tile size in pixels (0: the mode's)")

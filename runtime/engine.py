@@ -26,7 +26,7 @@ from dsocr.runtime.preprocess import (Layout, ViewConfig, build_prompt_ids, imag
                                       prepare_image, view_grid)
 from dsocr.runtime.scheduler import DEFAULT_PARALLEL, Scheduler, Sequence
 from dsocr.runtime.tokenizer import TextTokenizer
-from dsocr.runtime.vision import VisionModel, read_layout, run_steps
+from dsocr.runtime.vision import VisionModel, run_steps
 
 IMAGE_TOKEN = "<image>"
 # The prompts DeepSeek-OCR was trained on (its README); `locate` takes the thing to find.
@@ -105,16 +105,16 @@ def normalize_prompt(prompt: str, n_images: int) -> str:
 class ContextCheck:
     """A model's prompt length check: its tokenizer, layout and language-model settings (their training
     context). It needs neither weights nor pixels, so a server checks requests for a model that is not
-    loaded (from_files)."""
+    loaded (from_file)."""
     tokenizer: TextTokenizer
     layout: Layout
     lm: LMParams
 
     @classmethod
-    def from_files(cls, lm: Path, mmproj: Path) -> ContextCheck:
-        """From the pair's headers (the LM's tokenizer and context; the mmproj's projector type)."""
+    def from_file(cls, lm: Path, layout: Layout) -> ContextCheck:
+        """From the language model's header (its tokenizer and settings) and the pair's layout."""
         f = GGUFFile(lm)
-        return cls(TextTokenizer.from_gguf(f), read_layout(mmproj), LMParams.from_gguf(f))
+        return cls(TextTokenizer.from_gguf(f), layout, LMParams.from_gguf(f))
 
     def __call__(self, prompt: str, image_sizes: list[tuple[int, int]], view: ViewConfig) -> int:
         """The prompt's token count, each <image> expanded to what an image of that (width, height) takes

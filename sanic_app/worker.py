@@ -58,9 +58,9 @@ class ServedModel:
 
     @cached_property
     def context(self) -> ContextCheck:
-        """Its prompt-length check, read from the pair's headers on first use: a request for a model not
-        loaded is refused before it is queued, without a switch."""
-        return ContextCheck.from_files(self.lm, self.mmproj)
+        """Its prompt-length check, read from its language model's header on first use: a request for a model
+        not loaded is refused before it is queued, without a switch."""
+        return ContextCheck.from_file(self.lm, self.layout)
 
 
 def load_failure(model: ServedModel, e: Exception) -> APIError:

@@ -128,3 +128,43 @@ def one_line_error(result, *needles) -> str:
     for n in needles:
         assert n in lines[0], (n, lines[0])
     return lines[0]
+
+
+def rel_err(got, want) -> float:
+    """Largest |got - want| relative to the largest |want| (float64)."""
+    import numpy as np
+    return float(np.abs(np.asarray(got, np.float64) - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+# ---------------------------------------------------------------- the CUDA backend (simulated without a GPU)
+
+from numba import config as _numba_config  # noqa: E402  (after NUMBA_ENABLE_CUDASIM is set above)
+
+SIMULATED = bool(_numba_config.ENABLE_CUDASIM)
+
+
+@pytest.fixture(scope="module")
+def be():
+    from dsocr.runtime.cuda import CUDABackend
+    if not SIMULATED:
+        yield CUDABackend()
+        return
+    # The simulator runs a Python thread per CUDA thread and polls them: a short GIL switch
+    # interval keeps it from idling 5 ms at every hand-over. It also creates a shared array on
+    # first use with an unlocked get-then-set, so two threads of a block can each make their own
+    # (and read the other's uninitialised memory): an atomic setdefault closes that race.
+    import numpy as np
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+    from numba.np.numpy_support import as_dtype
+    racy = FakeCUDAShared.array
+
+    def shared_array(self, shape, dtype):
+        site = sys._getframe(1)            # the kernel line, as the simulator keys it
+        key = (site.f_code.co_filename, site.f_lineno)
+        return self._allocations.setdefault(key, np.empty(shape, as_dtype(dtype)))
+    old_interval = sys.getswitchinterval()
+    FakeCUDAShared.array = shared_array
+    sys.setswitchinterval(1e-5)
+    yield CUDABackend(threads_per_block=8)
+    sys.setswitchinterval(old_interval)
+    FakeCUDAShared.array = racy

@@ -14,7 +14,7 @@ import pytest
 from dsocr.runtime.cpu import CPUBackend
 from dsocr.runtime.errors import ModelError
 
-from test_cuda import be, rel_err  # noqa: F401  (be: the CUDA backend fixture, simulated without a GPU)
+from conftest import rel_err
 
 TOL = 1e-5
 cpu = CPUBackend()

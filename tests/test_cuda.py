@@ -8,55 +8,22 @@ test_kernels.py; matmuls are compared with float64 products of the CPU-dequantiz
 (the CPU GEMV quantizes its activation to q8 blocks as ggml does, the CUDA one does not).
 Row plumbing (copies, gathers, routing ids) must be exact.
 """
-import sys
+
 
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
-from numba import config
 
 from dsocr import quant
 from dsocr.runtime.cpu import CPUBackend, matmul as mm
 from dsocr.runtime.gguf_file import Tensor
 
-from conftest import TINY
+from conftest import SIMULATED, TINY, rel_err
 
-SIMULATED = bool(config.ENABLE_CUDASIM)
 ALL_TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 
 
-@pytest.fixture(scope="module")
-def be():
-    from dsocr.runtime.cuda import CUDABackend
-    if not SIMULATED:
-        yield CUDABackend()
-        return
-    # The simulator runs a Python thread per CUDA thread and polls them: a short GIL switch
-    # interval keeps it from idling 5 ms at every hand-over. It also creates a shared array on
-    # first use with an unlocked get-then-set, so two threads of a block can each make their own
-    # (and read the other's uninitialised memory): an atomic setdefault closes that race.
-    from numba.cuda.simulator.kernelapi import FakeCUDAShared
-    from numba.np.numpy_support import as_dtype
-    racy = FakeCUDAShared.array
-
-    def shared_array(self, shape, dtype):
-        site = sys._getframe(1)            # the kernel line, as the simulator keys it
-        key = (site.f_code.co_filename, site.f_lineno)
-        return self._allocations.setdefault(key, np.empty(shape, as_dtype(dtype)))
-    old_interval = sys.getswitchinterval()
-    FakeCUDAShared.array = shared_array
-    sys.setswitchinterval(1e-5)
-    yield CUDABackend(threads_per_block=8)
-    sys.setswitchinterval(old_interval)
-    FakeCUDAShared.array = racy
-
-
 cpu = CPUBackend()
-
-
-def rel_err(got, want):
-    got = np.asarray(got, np.float64)
-    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
 
 
 def tensor(qtype, shape, rng, scale=0.05):

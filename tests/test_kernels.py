@@ -22,12 +22,10 @@ from dsocr.runtime.cpu import CPUBackend, matmul as mm, ops, qgemm
 from dsocr.runtime.cpu.features import AVX512_VNNI
 from dsocr.runtime.gguf_file import Tensor
 
+from conftest import rel_err
+
 FLOAT_TYPES = [QT.F32, QT.F16, QT.BF16]
 QUANT_TYPES = [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K]
-
-
-def rel_err(got, want):
-    return float(np.abs(np.asarray(got, np.float64) - want).max() / max(np.abs(want).max(), 1e-30))
 
 
 def q8_activation(x):

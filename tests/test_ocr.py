@@ -26,7 +26,7 @@ from dsocr.runtime.preprocess import (V1, ViewConfig, build_prompt_ids, candidat
 from dsocr.runtime.tap import Recorder
 from dsocr.runtime.vision import VisionModel
 
-from conftest import CASES, TINY, check_near_ties, teacher_forced_deviation
+from conftest import CASES, TINY, check_near_ties, rel_err, teacher_forced_deviation
 
 TOL = 1e-4
 README_ORDER = [(1, 2), (2, 1), (3, 1), (1, 3), (2, 2), (4, 1), (1, 4), (5, 1), (1, 5), (1, 6), (6, 1), (3, 2), (2, 3),
@@ -41,10 +41,6 @@ def case(name):
 
 def bf16(bits):
     return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def rel(a, b):
-    return float(np.abs(np.asarray(a, np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
 
 
 def view_of(meta):
@@ -102,14 +98,14 @@ def test_vision_tower_matches_goldens(vision, name):
     rows = vision.image_embeddings(img, rec)
     sam, clip, projector = (rec.values[stage] for stage in ("sam.out", "clip.out", "projector.out"))
     n = len(img.tiles)
-    assert rel(sam[n], sam_rows(z["sam_features_global"])[0]) < TOL
-    assert rel(clip[n], z["clip_features_global"][0]) < TOL
-    assert rel(projector[n], z["projector_global"][0]) < TOL
+    assert rel_err(sam[n], sam_rows(z["sam_features_global"])[0]) < TOL
+    assert rel_err(clip[n], z["clip_features_global"][0]) < TOL
+    assert rel_err(projector[n], z["projector_global"][0]) < TOL
     for i in range(n):
-        assert rel(sam[i], sam_rows(z["sam_features_crops"])[i]) < TOL
-        assert rel(clip[i], z["clip_features_crops"][i]) < TOL
-        assert rel(projector[i], z["projector_crops"][i]) < TOL
-    assert rel(rows, z["inputs_embeds"][z["images_seq_mask"]]) < TOL
+        assert rel_err(sam[i], sam_rows(z["sam_features_crops"])[i]) < TOL
+        assert rel_err(clip[i], z["clip_features_crops"][i]) < TOL
+        assert rel_err(projector[i], z["projector_crops"][i]) < TOL
+    assert rel_err(rows, z["inputs_embeds"][z["images_seq_mask"]]) < TOL
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +120,9 @@ def test_whole_prompt_embeddings_and_logits(engine, name):
     req = OcrRequest([read_image_file(TINY / meta["image"])], meta["prompt"], view_of(meta))
     embeds, ids = engine.prepare(req, {})
     assert ids == list(z["input_ids"])
-    assert rel(embeds, z["inputs_embeds"]) < TOL
+    assert rel_err(embeds, z["inputs_embeds"]) < TOL
     logits = engine.lm.forward(embeds, 0, engine.lm.new_cache(len(ids), f16=False), logits_rows=z["logits_rows"])
-    assert rel(logits, z["logits"]) < TOL
+    assert rel_err(logits, z["logits"]) < TOL
 
 
 def run_cli(*args, env=None):

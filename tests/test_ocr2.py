@@ -22,8 +22,8 @@ from dsocr.runtime.preprocess import (V1, V2, ViewConfig, build_prompt_ids, cand
 from dsocr.runtime.tap import Recorder
 from dsocr.runtime.vision import VisionModel, read_layout
 
-from conftest import TINY2
-from test_ocr import rel, run_cli
+from conftest import TINY2, rel_err
+from test_ocr import run_cli
 
 CASES2 = ["doc_portrait_crop", "wide_banner_free_ocr_crop", "doc_portrait_nocrop", "small_note_cropmode_noslices"]
 TOL = 1e-4
@@ -119,13 +119,13 @@ def test_vision_tower_matches_goldens(pair, name):
     n = len(img.tiles)
     views = [("crops", i) for i in range(n)] + [("global", 0)]
     for k, (kind, i) in enumerate(views):
-        assert rel(rec.values["sam.out"][k], sam_rows(z[f"sam_features_{kind}"])[i]) < TOL, (kind, i)
-        assert rel(rec.values["qwen2.out"][k], z[f"qwen2_features_{kind}"][i]) < TOL, (kind, i)
-    assert rel(rows, z["image_embeddings"]) < TOL
+        assert rel_err(rec.values["sam.out"][k], sam_rows(z[f"sam_features_{kind}"])[i]) < TOL, (kind, i)
+        assert rel_err(rec.values["qwen2.out"][k], z[f"qwen2_features_{kind}"][i]) < TOL, (kind, i)
+    assert rel_err(rows, z["image_embeddings"]) < TOL
     # tiles first (row-major), then the global view, then view_seperator
     for start, stop, view in z["image_embedding_segments"]:
         want = z["image_embeddings"][start:stop]
-        assert rel(rows[start:stop], want) < TOL, view
+        assert rel_err(rows[start:stop], want) < TOL, view
 
 
 @pytest.mark.parametrize("name", CASES2)
@@ -136,7 +136,7 @@ def test_whole_prompt_logits_and_routing(pair, name):
     assert ids == list(z["input_ids"])
     rec = Recorder("ffn_moe_topk-*", "ffn_moe_weights-*", "ffn_moe_logits-*")
     logits = engine.lm.forward(embeds, 0, engine.lm.new_cache(len(ids), f16=False), tap=rec)
-    assert rel(logits[-1], z["logits_last"]) < TOL
+    assert rel_err(logits[-1], z["logits_last"]) < TOL
     k = engine.lm.p.n_expert_used
     for layer in (1, 2):
         (topk,), (weights,), (router,) = (rec.values[f"ffn_moe_{w}-{layer}"] for w in ("topk", "weights", "logits"))
@@ -147,7 +147,7 @@ def test_whole_prompt_logits_and_routing(pair, name):
         ranked = np.sort(router, axis=1)[:, ::-1]
         assert (ranked[~same, k - 1] - ranked[~same, k] < 1e-4).all(), (layer, np.flatnonzero(~same))
         assert (~same).sum() <= 1
-        assert rel(np.take_along_axis(weights, order, 1)[same], np.take_along_axis(want_w, want_order, 1)[same]) < TOL
+        assert rel_err(np.take_along_axis(weights, order, 1)[same], np.take_along_axis(want_w, want_order, 1)[same]) < TOL
 
 
 @pytest.mark.parametrize("name", CASES2)

@@ -15,11 +15,9 @@ import pytest
 from dsocr.runtime.cpu import FUSED_ATTENTION_KEYS, CPUBackend, ops
 from dsocr.runtime.vision import relative_table
 
+from conftest import rel_err
+
 erf = np.vectorize(math.erf)
-
-
-def rel_err(got, want):
-    return float(np.abs(np.asarray(got, np.float64) - want).max() / max(np.abs(want).max(), 1e-30))
 
 
 def test_gelu_is_exact_gelu_over_the_float_range():
